@@ -1,0 +1,8 @@
+#!/usr/bin/env bash
+# Set up (if needed), then load the embedded default model (SmolLM2-135M-Instruct Q4_1 GGUF, kept
+# quantized) and generate text with its chat template.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+scripts/setup.sh
+. .venv/bin/activate
+exec quantload generate --chat --prompt "${1:-What is the capital of France? Answer in one sentence.}" --max-new-tokens "${2:-40}"

@@ -1,0 +1,40 @@
+"""quant_method -> parser of a transformers-style quantization_config dict into a QuantSpec.
+
+Scheme families register themselves here (see schemes/__init__.py, which imports them all).
+"""
+from __future__ import annotations
+
+from typing import Callable
+
+from ..errors import ConfigError, UnsupportedError
+
+_PARSERS: dict[str, Callable[[dict], "object"]] = {}
+
+
+def register_method(*names: str):
+    def deco(fn):
+        for n in names:
+            _PARSERS[n] = fn
+        return fn
+    return deco
+
+
+def spec_from_dict(d: dict, *, file: str | None = None):
+    """Parse a transformers-style quantization_config dict (from config.json, quantize_config.json,
+    or BitsAndBytesConfig(...).to_dict()) into a QuantSpec."""
+    if not isinstance(d, dict):
+        raise ConfigError(f"quantization_config must be a dict, got {type(d).__name__}", file=file)
+    method = d.get("quant_method")
+    if method is None and ("load_in_4bit" in d or "load_in_8bit" in d):
+        method = "bitsandbytes"
+    if method is None:
+        raise ConfigError(f"quantization_config has no 'quant_method' (keys: {sorted(d)})", file=file)
+    method = str(method).lower()
+    if method not in _PARSERS:
+        raise UnsupportedError(
+            f"quant_method {method!r} is not supported; supported: {sorted(_PARSERS)}", file=file)
+    return _PARSERS[method](d)
+
+
+def known_methods() -> list[str]:
+    return sorted(_PARSERS)

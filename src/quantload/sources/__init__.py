@@ -1,0 +1,77 @@
+"""Checkpoint containers: safetensors (single or sharded), PyTorch .bin/.pt, GGUF."""
+from __future__ import annotations
+
+import os
+
+from ..errors import FileFormatError
+from .base import Source, TensorInfo  # noqa: F401
+
+LFS_MAGIC = b"version https://git-lfs.github.com/spec/v1"
+
+
+def check_not_lfs_pointer(path: str) -> None:
+    """A git-LFS pointer checked out in place of the weights is the commonest 'corrupt' file."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(len(LFS_MAGIC))
+    except OSError as e:
+        raise FileFormatError(f"cannot read: {e}", file=path) from e
+    if head == LFS_MAGIC:
+        raise FileFormatError("this is a git-LFS pointer file, not the weights; run `git lfs pull` "
+                              "or download the real file", file=path)
+
+
+def find_weight_files(path: str) -> tuple[str, list[str]]:
+    """(kind, files) for a checkpoint directory or file. kind: safetensors | torch | gguf."""
+    path = os.fspath(path)
+    if os.path.isdir(path):
+        index = os.path.join(path, "model.safetensors.index.json")
+        if os.path.exists(index):
+            return "safetensors", [index]
+        names = sorted(os.listdir(path))
+        st = [os.path.join(path, n) for n in names if n.endswith(".safetensors")]
+        if st:
+            return "safetensors", st
+        bidx = os.path.join(path, "pytorch_model.bin.index.json")
+        if os.path.exists(bidx):
+            return "torch", [bidx]
+        pt = [os.path.join(path, n) for n in names if n.endswith((".bin", ".pt", ".pth"))]
+        if pt:
+            return "torch", pt
+        gg = [os.path.join(path, n) for n in names if n.endswith(".gguf")]
+        if len(gg) == 1:
+            return "gguf", gg
+        if len(gg) > 1:
+            raise FileFormatError(f"several GGUF files here ({[os.path.basename(g) for g in gg]}); "
+                                  "name the one to load", file=path)
+        raise FileFormatError("no weights found: expected *.safetensors, model.safetensors.index.json, "
+                              "pytorch_model.bin, *.pt or *.gguf", file=path)
+    if not os.path.exists(path):
+        raise FileFormatError("no such file or directory", file=path)
+    if path.endswith(".gguf"):
+        return "gguf", [path]
+    if path.endswith((".safetensors", ".index.json")):
+        return "safetensors", [path]
+    if path.endswith((".bin", ".pt", ".pth")):
+        return "torch", [path]
+    with open(path, "rb") as f:
+        magic = f.read(4)
+    if magic == b"GGUF":
+        return "gguf", [path]
+    return "safetensors", [path]
+
+
+def open_source(path) -> Source:
+    """Open a checkpoint file or directory lazily (headers only, validated)."""
+    kind, files = find_weight_files(path)
+    for f in files:
+        if not f.endswith(".json"):
+            check_not_lfs_pointer(f)
+    if kind == "safetensors":
+        from .safetensors import SafetensorsSource
+        return SafetensorsSource(files)
+    if kind == "torch":
+        from .torchfile import TorchFileSource
+        return TorchFileSource(files)
+    from .gguf import GGUFSource
+    return GGUFSource(files[0])
