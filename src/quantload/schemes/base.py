@@ -92,6 +92,11 @@ class Scheme:
     def optional_keys(self) -> tuple[str, ...]:
         return ()
 
+    def present(self, suffixes: set[str]) -> bool:
+        """Whether a checkpoint module with these key suffixes stores this scheme's pieces (a module
+        with only a plain float `weight` is a dense layer even in a quantized checkpoint)."""
+        return all(s in suffixes for s in self.required_keys())
+
     def keys(self, prefix: str) -> list[str]:
         """Full checkpoint keys (required, then optional) for the module at `prefix`."""
         sep = prefix + "." if prefix else ""
