@@ -45,8 +45,12 @@ class QuantSpec:
         self.raw = dict(raw or {})
         self.compute_dtype = compute_dtype
 
-    def scheme_for(self, module_name: str, module: nn.Module):
-        if not isinstance(module, nn.Linear) or module_matches(module_name, self.skip_modules):
+    def scheme_for(self, module_name: str, module: nn.Module | None):
+        """The scheme for this module, or None to leave it dense. `module` is None when there is no
+        model (read_state_dict): the module is then assumed to be a Linear."""
+        if module is not None and not isinstance(module, nn.Linear):
+            return None
+        if module_matches(module_name, self.skip_modules):
             return None
         return self.scheme
 
