@@ -1,5 +1,14 @@
-"""quantload: load quantized weights into PyTorch models."""
+"""quantload: load quantized weights into PyTorch models, keeping them quantized.
+
+    model = quantload.load("path/to/checkpoint", quantize="nf4")
+    tok = quantload.load_tokenizer("path/to/checkpoint")
+"""
+from .api import inspect, load, load_tokenizer, plan, read_state_dict, save  # noqa: F401
+from .config import QuantSpec, short_names  # noqa: F401
 from .errors import (ConfigError, FileFormatError, MissingTensorError, PlacementError,  # noqa: F401
                      QuantloadError, QuantStateError, ShapeMismatchError, UnsupportedError)
+from .report import LoadReport  # noqa: F401
+from .runtime.modules import QEmbedding, QLinear  # noqa: F401
+from .schemes.base import QTensor, Scheme  # noqa: F401
 
 __version__ = "0.1.0"

@@ -1,0 +1,115 @@
+"""Weights from a safetensors / PyTorch checkpoint whose names are (nearly) the model's names."""
+from __future__ import annotations
+
+import torch
+
+from .engine import Weights
+from .runtime.modules import _QModule
+from .schemes.base import QTensor
+from .sources.base import Source
+
+# names older checkpoints used for LayerNorm parameters
+_LEGACY_SUFFIXES = {".gamma": ".weight", ".beta": ".bias"}
+
+
+def index_by_module(keys) -> dict[str, set[str]]:
+    """{module prefix: {suffixes}} for every dotted prefix of every key ("a.b.weight.absmax" lands
+    under "a.b" as "weight.absmax" and under "a" as "b.weight.absmax")."""
+    out: dict[str, set[str]] = {}
+    for k in keys:
+        parts = k.split(".")
+        for i in range(1, len(parts)):
+            out.setdefault(".".join(parts[:i]), set()).add(".".join(parts[i:]))
+        out.setdefault("", set()).add(k)
+    return out
+
+
+class KeyMap:
+    """Model name -> checkpoint name. Handles a base-model prefix present on one side only
+    ("bert.encoder..." vs "encoder...") and legacy gamma/beta names."""
+
+    def __init__(self, model_names: list[str], ckpt_keys, base_prefix: str | None):
+        self.ckpt = set(ckpt_keys)
+        self.rename = {}
+        for k in self.ckpt:
+            for old, new in _LEGACY_SUFFIXES.items():
+                if k.endswith(old):
+                    self.rename[k[: -len(old)] + new] = k
+        self.add = self.strip = ""
+        if base_prefix:
+            p = base_prefix + "."
+            direct = sum(1 for n in model_names if self._known(n))
+            stripped = sum(1 for n in model_names if n.startswith(p) and self._known(n[len(p):]))
+            added = sum(1 for n in model_names if self._known(p + n))
+            if stripped > direct and stripped >= added:
+                self.strip = p
+            elif added > direct:
+                self.add = p
+
+    def _known(self, n: str) -> bool:
+        return n in self.ckpt or n in self.rename
+
+    def __call__(self, name: str) -> str:
+        if self.strip and name.startswith(self.strip):
+            name = name[len(self.strip):]
+        elif self.add:
+            name = self.add + name
+        return self.rename.get(name, name)
+
+
+class CheckpointWeights(Weights):
+    def __init__(self, source: Source, model_names: list[str], base_prefix: str | None = None):
+        self.source = source
+        self.keys = source.keys()
+        self.by_module = index_by_module(self.keys)
+        self.key_of = KeyMap(model_names, self.keys, base_prefix)
+        self.used: set[str] = set()
+        self.companions = 0
+        self.tensors_read = 0
+        self.bytes_read = 0
+        self.last_read_ptrs = set()
+
+    def module_prefix(self, module_name: str) -> str:
+        return self.key_of(module_name + ".x")[:-2] if module_name else ""
+
+    def suffixes(self, module_name: str) -> set[str]:
+        return self.by_module.get(self.module_prefix(module_name), set())
+
+    def _read(self, key: str) -> torch.Tensor:
+        t = self.source.get(key)
+        self.used.add(key)
+        self.tensors_read += 1
+        self.bytes_read += t.numel() * t.element_size()
+        return t
+
+    def qtensor(self, module_name: str, mod: _QModule) -> QTensor | None:
+        scheme = mod.scheme
+        have = self.suffixes(module_name)
+        if not scheme.present(have):
+            return None
+        prefix = self.module_prefix(module_name)
+        sep = prefix + "." if prefix else ""
+        wanted = (*scheme.required_keys(), *scheme.optional_keys())
+        pieces = {s: self._read(sep + s) for s in wanted if s in have}
+        self.companions += max(0, len(pieces) - 1)
+        self.last_read_ptrs = {t.untyped_storage().data_ptr() for t in pieces.values()}
+        return scheme.decode(pieces, shape=tuple(mod._logical_shape), file=self._file_of(sep + wanted[0]),
+                             prefix=prefix)
+
+    def _file_of(self, key: str) -> str:
+        try:
+            return self.source.info(key).file
+        except Exception:
+            return getattr(self.source, "path", "")
+
+    def tensor(self, name: str) -> torch.Tensor | None:
+        key = self.key_of(name)
+        if key not in self.source:
+            return None
+        return self._read(key)
+
+    def unconsumed(self) -> list[str]:
+        return [k for k in self.keys if k not in self.used]
+
+    def consumed_companions(self) -> int:
+        return self.companions
