@@ -1,0 +1,120 @@
+"""PyTorch checkpoints (.bin/.pt/.pth, or sharded with pytorch_model.bin.index.json).
+
+Only torch.load(weights_only=True) ever reads them: a file that needs arbitrary unpickling is refused, never
+run. Zip-format files are memory-mapped (tensors page in on access); the legacy format cannot be, and is
+read whole. Prefer safetensors for untrusted input: torch's zip reader is less strict than our own parser.
+"""
+from __future__ import annotations
+
+import os
+import pickle
+
+import torch
+
+from ..errors import FileFormatError, MissingTensorError, QuantloadError
+from . import check_not_lfs_pointer
+from .base import Source, TensorInfo
+from .safetensors import check_index_agrees, split_files
+
+#: where training code nests the model's state dict, most specific first
+NESTED_STATE_DICT_KEYS = ("state_dict", "model_state_dict", "model", "module")
+#: prefixes wrappers add to every key: DDP/DataParallel, torch.compile
+WRAPPER_PREFIXES = ("module.", "_orig_mod.")
+
+
+def load_torch_file(path: str):
+    """torch.load with weights_only=True, mmap when the format allows; every failure a FileFormatError."""
+    check_not_lfs_pointer(path)
+    try:
+        try:
+            return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        except RuntimeError as e:
+            if "mmap can only be used" not in str(e):
+                raise
+            return torch.load(path, map_location="cpu", weights_only=True)  # legacy, non-zip format
+    except pickle.UnpicklingError as e:
+        reason = str(e).partition("WeightsUnpickler error:")[2].strip().split("\n")[0] or str(e)[:200]
+        if "global" in reason.lower():
+            raise FileFormatError(f"the file contains objects that are not plain tensors ({reason}); "
+                                  "quantload never unpickles arbitrary code. Convert it to safetensors "
+                                  "where you trust it", file=path) from None
+        raise FileFormatError(f"corrupt pickle data ({reason})", file=path) from None
+    except QuantloadError:
+        raise
+    except Exception as e:  # any failure decoding the bytes (zip, pickle, storage records) is a bad file
+        first_line = (str(e).strip().split("\n") or [""])[0][:200]
+        raise FileFormatError(f"not a readable PyTorch checkpoint, truncated or corrupt "
+                              f"({type(e).__name__}: {first_line})", file=path) from None
+
+
+def _find_state_dict(obj, depth: int = 0):
+    """The dict of tensors: obj itself, or one nested under a usual key (a few levels at most)."""
+    if not isinstance(obj, dict):
+        return None
+    if any(isinstance(v, torch.Tensor) for v in obj.values()):
+        return obj
+    for name in NESTED_STATE_DICT_KEYS:
+        found = _find_state_dict(obj.get(name), depth + 1) if depth < 3 else None
+        if found is not None:
+            return found
+    return None
+
+
+def _strip_wrapper_prefixes(tensors: dict) -> dict:
+    """Drop a wrapper prefix only when EVERY key has it, so no name can change meaning."""
+    stripped = True
+    while stripped and tensors:
+        stripped = False
+        for prefix in WRAPPER_PREFIXES:
+            if all(k.startswith(prefix) for k in tensors):
+                tensors = {k[len(prefix):]: v for k, v in tensors.items()}
+                stripped = True
+    return tensors
+
+
+def state_dict_of(obj, path: str) -> dict[str, torch.Tensor]:
+    """The tensors of a loaded checkpoint; non-tensor entries (step counters, configs) are ignored."""
+    found = _find_state_dict(obj)
+    if found is None:
+        top = f"keys {list(obj)[:10]}" if isinstance(obj, dict) else type(obj).__name__
+        raise FileFormatError(f"no state dict of tensors found (top level: {top}); expected a dict of "
+                              f"tensors, or one under {list(NESTED_STATE_DICT_KEYS)}", file=path)
+    return {k: v for k, v in found.items() if isinstance(k, str) and isinstance(v, torch.Tensor)}
+
+
+class TorchFileSource(Source):
+    def __init__(self, files):
+        self.path, shards, weight_map = split_files(files)
+        self.metadata: dict[str, str] = {}
+        self._tensors: dict[str, torch.Tensor] = {}
+        self._files: dict[str, str] = {}
+        raw_files: dict[str, str] = {}  # key as saved -> file, to check the index before stripping
+        for shard in shards:
+            tensors = state_dict_of(load_torch_file(shard), shard)
+            raw_files.update(dict.fromkeys(tensors, shard))
+            for key, tensor in _strip_wrapper_prefixes(tensors).items():
+                if key in self._files:
+                    raise FileFormatError(f"tensor is also in {self._files[key]}; each tensor must be in "
+                                          "exactly one file", file=shard, key=key)
+                self._tensors[key], self._files[key] = tensor.detach(), shard
+        if weight_map is not None:
+            check_index_agrees(self.path, weight_map, raw_files)
+
+    def keys(self) -> list[str]:
+        return list(self._files)
+
+    def info(self, key: str) -> TensorInfo:
+        t = self.get(key)
+        return TensorInfo(key, tuple(t.shape), t.dtype, t.numel() * t.element_size(), self._files[key])
+
+    def get(self, key: str) -> torch.Tensor:
+        try:
+            return self._tensors[key]
+        except KeyError:
+            if key in self._files:
+                raise QuantloadError("the source is closed", file=self._files[key], key=key) from None
+            raise MissingTensorError("no such tensor in the checkpoint", file=self.path, key=key) from None
+
+    def close(self) -> None:
+        # Our references only: torch's mmap is unmapped when the last tensor viewing it dies.
+        self._tensors.clear()
