@@ -39,6 +39,8 @@ def checkpoint_spec(path: str, config) -> QuantSpec | None:
         return None
     if hasattr(qc, "to_dict"):
         qc = qc.to_dict()
+    if isinstance(qc, dict) and qc.get("quant_method") == "gguf":
+        return None  # transformers tags models it dequantized from GGUF; their safetensors are plain floats
     return spec_from_dict(dict(qc), file=file)
 
 
