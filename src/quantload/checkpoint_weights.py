@@ -67,7 +67,6 @@ class CheckpointWeights(Weights):
         self.companions = 0
         self.tensors_read = 0
         self.bytes_read = 0
-        self.last_read_ptrs = set()
 
     def module_prefix(self, module_name: str) -> str:
         return self.key_of(module_name + ".x")[:-2] if module_name else ""
@@ -92,7 +91,6 @@ class CheckpointWeights(Weights):
         wanted = (*scheme.required_keys(), *scheme.optional_keys())
         pieces = {s: self._read(sep + s) for s in wanted if s in have}
         self.companions += max(0, len(pieces) - 1)
-        self.last_read_ptrs = {t.untyped_storage().data_ptr() for t in pieces.values()}
         return scheme.decode(pieces, shape=tuple(mod._logical_shape), file=self._file_of(sep + wanted[0]),
                              prefix=prefix)
 
@@ -107,6 +105,9 @@ class CheckpointWeights(Weights):
         if key not in self.source:
             return None
         return self._read(key)
+
+    def release(self, name: str) -> None:
+        self.source.release(self.key_of(name))
 
     def unconsumed(self) -> list[str]:
         return [k for k in self.keys if k not in self.used]

@@ -24,9 +24,6 @@ class Weights:
     files, model-named keys) and GGUFWeights (architectures/ maps GGUF names to the model's)."""
 
     source = None
-    #: storage pointers of the source tensors behind the last qtensor() (memory-mapped bytes that a
-    #: decoded QTensor may still alias; the engine copies those before the source goes away)
-    last_read_ptrs: set = set()
 
     def qtensor(self, module_name: str, mod: _QModule) -> QTensor | None:
         """The module's pre-quantized weight, or None when the checkpoint holds it in float."""
@@ -36,24 +33,14 @@ class Weights:
         """A float (or other plain) tensor by model parameter name, or None when absent."""
         raise NotImplementedError
 
+    def release(self, name: str) -> None:
+        """`name` was consumed into a new tensor (quantized, cast): its source bytes may leave memory."""
+
     def unconsumed(self) -> list[str]:
         return []
 
     def consumed_companions(self) -> int:
         return 0
-
-
-def _owned(t: torch.Tensor, src_ptrs: set[int]) -> torch.Tensor:
-    """A tensor that does not alias the source's memory map (so the source can be closed)."""
-    try:
-        ptr = t.untyped_storage().data_ptr()
-    except RuntimeError:
-        return t
-    return t.clone() if ptr in src_ptrs and t.device.type == "cpu" else t
-
-
-def _storage_ptr(t: torch.Tensor) -> int:
-    return t.untyped_storage().data_ptr()
 
 
 def load_weights(model: nn.Module, weights: Weights, *, dtype: torch.dtype,
@@ -82,8 +69,10 @@ def load_weights(model: nn.Module, weights: Weights, *, dtype: torch.dtype,
             w = w.to(device=dev, dtype=mod._logical_dtype if w.is_floating_point() else w.dtype)
             qt = mod.scheme.quantize(w)
             del w
-        qt = QTensor(qt.scheme, {k: _owned(v, weights.last_read_ptrs).to(dev) for k, v in qt.data.items()},
-                     qt.shape, qt.dtype, qt.meta)
+            weights.release(wname)
+        # sources are copy-on-write memory maps that stay valid after close: a CPU weight may keep
+        # viewing the file's bytes (zero copy, like llama.cpp), anything else moves to its device
+        qt = QTensor(qt.scheme, {k: v.to(dev) for k, v in qt.data.items()}, qt.shape, qt.dtype, qt.meta)
         qt = qt.scheme.prepare_runtime(qt)
         for w in qt.meta.get("warnings", ()):
             report.warnings.append(f"{name}: {w}")
@@ -105,10 +94,10 @@ def load_weights(model: nn.Module, weights: Weights, *, dtype: torch.dtype,
             continue
         dev = torch.device(device_of(pname))
         target = p.dtype if p.is_floating_point() else t.dtype
-        src_ptr = _storage_ptr(t)
-        t = t.to(device=dev, dtype=target)
-        if t.device.type == "cpu" and _storage_ptr(t) == src_ptr:
-            t = t.clone()
+        converted = t.to(device=dev, dtype=target)
+        if converted.data_ptr() != t.data_ptr():
+            weights.release(pname)
+        t = converted
         _assign(model, pname, nn.Parameter(t, requires_grad=False))
         if bar:
             bar.update(1)

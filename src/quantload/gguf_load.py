@@ -32,7 +32,6 @@ class GGUFWeights(Weights):
         self.used: set[str] = set()
         self.tensors_read = 0
         self.bytes_read = 0
-        self.last_read_ptrs = set()
 
     def _raw(self, gguf_name: str) -> torch.Tensor:
         t = self.source.get(gguf_name)
@@ -50,7 +49,6 @@ class GGUFWeights(Weights):
             return None
         info = self.source.info(ref.gguf_name)
         raw = self._raw(ref.gguf_name)
-        self.last_read_ptrs = {raw.untyped_storage().data_ptr()}
         qt = mod.scheme.decode({"weight": raw}, shape=info.shape, file=self.source.path, prefix=ref.gguf_name)
         if ref.transform is not None:
             perm = ref.transform.row_permutation(qt.data["blocks"].shape[0])

@@ -40,6 +40,9 @@ class Source:
         and must copy (or quantize) before the source is closed."""
         raise NotImplementedError
 
+    def release(self, key: str) -> None:
+        """A hint that `key` was consumed and its bytes may leave resident memory (no-op by default)."""
+
     def close(self) -> None:
         pass
 

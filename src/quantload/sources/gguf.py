@@ -255,7 +255,9 @@ class GGUFSource(Source):
                 if size == 0:
                     raise FileFormatError("empty file, expected a GGUF header", file=self.path, key="magic",
                                           offset=0)
-                return mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+                # copy-on-write: models keep zero-copy views of the blocks as their weights; a write
+                # to one gets private pages instead of a segfault
+                return mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)
         except OSError as e:
             raise FileFormatError(f"cannot open: {e}", file=self.path) from e
 

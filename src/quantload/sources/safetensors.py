@@ -3,7 +3,7 @@
 The format: an 8-byte little-endian header length N, N bytes of JSON {name: {dtype, shape, data_offsets}},
 then the data section. We check everything the safetensors library checks (and a little more) BEFORE
 allocating anything, so a hostile or truncated file fails fast with an error naming file, key and offset.
-Opening reads headers only; a tensor is a zero-copy view of a read-only mmap, mapped on first use.
+Opening reads headers only; a tensor is a zero-copy view of a copy-on-write mmap, mapped on first use.
 """
 from __future__ import annotations
 
@@ -269,13 +269,27 @@ class SafetensorsSource(Source):
         mm = self._maps.get(file)
         if mm is None:
             with open(file, "rb") as f:  # the mmap keeps its own handle; the file can close now
-                mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+                # copy-on-write: the model may keep zero-copy views as its weights, and a user who writes
+                # to a weight in place gets private pages instead of a segfault (or a modified file)
+                mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)
             last = max(i.offset + i.nbytes for i in self._infos.values() if i.file == file)
             if len(mm) < last:  # reading past the end of a map is a SIGBUS, not an exception
                 raise FileFormatError(f"file is now {len(mm)} bytes, expected at least {last}: it changed "
                                       "after it was opened", file=file)
             self._maps[file] = mm
         return mm
+
+    def release(self, key: str) -> None:
+        """Drop the pages of a tensor that was consumed (quantized or copied) from this process's
+        resident memory, so streaming a large checkpoint keeps RSS bounded. Views of it re-read the file."""
+        info = self._infos.get(key)
+        mm = self._maps.get(info.file) if info is not None else None
+        if mm is not None and hasattr(mmap, "MADV_DONTNEED"):
+            page = mmap.PAGESIZE
+            start = -(-info.offset // page) * page
+            end = (info.offset + info.nbytes) // page * page
+            if end > start:
+                mm.madvise(mmap.MADV_DONTNEED, start, end - start)
 
     def close(self) -> None:
         # Dropping our references is enough, and the only safe way: tensors from get() hold the mmap
