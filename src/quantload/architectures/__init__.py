@@ -16,6 +16,7 @@ from typing import Any, NamedTuple
 from ..errors import FileFormatError, MissingTensorError, ShapeMismatchError, UnsupportedError
 from .base import (Family, GGUFModelMap, Metadata, ParamRef, ReadTensor, UnsupportedArchitecture,
                    tensor_shapes)
+from .decoder import eos_token_ids
 from .gemma import Gemma2Family, Gemma3Family
 from .llama import LlamaFamily
 from .phi3 import Phi3Family
@@ -75,7 +76,6 @@ def gguf_to_hf(fields: Mapping[str, Any], tensors: Mapping[str, Any], *, file=No
         params[rule.hf] = ParamRef(rule.gguf, rule.transform, rule.shape)
     used = {ref.gguf_name for ref in params.values()}
     unused = sorted(name for name in shapes if name not in used)
-    from .decoder import eos_token_ids
     return GGUFModelMap(arch=arch, config=config, params=params, tied=bool(config.tie_word_embeddings),
                         unused=unused, eos_token_ids=eos_token_ids(meta))
 

@@ -15,7 +15,7 @@ from typing import Any, NamedTuple
 import numpy as np
 import torch
 
-from ..errors import FileFormatError, ShapeMismatchError, UnsupportedError
+from ..errors import FileFormatError, UnsupportedError
 from .transforms import Transform
 
 
@@ -177,8 +177,3 @@ def expand_layers(n_layers: int, per_layer: Iterable[TensorRule]) -> list[Tensor
     per_layer = list(per_layer)
     return [TensorRule(r.gguf.format(bid=i), r.hf.format(bid=i), r.shape, r.transform)
             for i in range(n_layers) for r in per_layer]
-
-
-def check_rows(shape: tuple[int, ...], name: str, file: str | None) -> None:
-    if any(d <= 0 for d in shape):
-        raise ShapeMismatchError(f"expected positive dimensions, found {shape}", file=file, key=name)
