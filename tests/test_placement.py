@@ -8,8 +8,8 @@ import torch
 from torch import nn
 
 from quantload.errors import ConfigError, PlacementError
-from quantload.placement import (DeviceInfo, Plan, estimate_runtime_bytes, parse_memory, plan_placement,
-                                 tensor_sizes)
+from quantload.placement import (DeviceInfo, Plan, estimate_runtime_bytes, parse_max_memory, parse_memory,
+                                 plan_placement, tensor_sizes)
 
 KB = 1000
 
@@ -111,6 +111,15 @@ def test_parse_memory_junk(junk):
         parse_memory(junk)
 
 
+def test_parse_max_memory_cli_form():
+    assert parse_max_memory("cuda:0=2GiB,cpu=10GB disk=1TB") == {"cuda:0": 2 * 2**30, "cpu": 10**10,
+                                                                  "disk": 10**12}
+    for bad, fragment in [("cuda:0", "is not DEVICE=SIZE"), ("=2GiB", "is not DEVICE=SIZE"), (" , ", "names no device"),
+                          ("cpu=much", "max memory for 'cpu' 'much' is not a size")]:
+        with pytest.raises(ConfigError, match=fragment):
+            parse_max_memory(bad)
+
+
 # --- the modes ----------------------------------------------------------------------------------
 
 def test_balanced_spreads_within_one_block_of_even():
@@ -127,7 +136,7 @@ def test_balanced_spreads_within_one_block_of_even():
         largest = max(unit_sizes(model, sizes).values())
         for d in gpus:
             assert abs(d.weights - total / 3) <= largest, (mode, d.name, d.weights, total / 3)
-        assert "10% of each budget" in plan.headroom_rule
+        assert "10% of the budget on each of cuda:0, cuda:1, cuda:2" in plan.headroom_rule
         devices = layer_devices(plan, model)
         assert [ORDER[d] for d in devices] == sorted(ORDER[d] for d in devices)
 
@@ -477,3 +486,10 @@ def test_llama_sequential_spills_and_never_splits_a_decoder_layer(tmp_path):
     check_invariants(plan, model, sizes, ties=(), block_cls="LlamaDecoderLayer")
     order = [ORDER[plan.device_of(f"model.layers.{i}.self_attn.q_proj.weight")] for i in range(8)]
     assert order == sorted(order) and order[-1] >= 3
+    # offloaded layers run on cuda:0, so their KV cache is charged there, not to the CPU or disk
+    kv_per_layer, _ = estimate_runtime_bytes(model.config, context_tokens=16, dtype=torch.float32)
+    by = {d.name: d for d in plan.devices}
+    offloaded = sum(1 for o in order if o >= 3)
+    assert by["cpu"].kv_cache == 0 and by["disk"].kv_cache == 0
+    assert by["cuda:0"].kv_cache == (order.count(0) + offloaded) * kv_per_layer
+    assert f"KV cache of the {offloaded} offloaded layers" in plan.headroom_rule

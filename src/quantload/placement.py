@@ -10,8 +10,15 @@ fixed (../shared/reference/loading.md §1, §5):
   GPU is within one block of its share, and a large first block (an unquantized embedding) never
   leaves a GPU empty;
 - headroom for activations and the KV cache is reserved on the devices that compute, and stated:
-  the KV cache of a decoder layer is charged to the device that holds the layer;
+  the KV cache of a decoder layer is charged to the device it runs on;
+- modules offloaded to CPU/disk run on the first GPU (accelerate's hooks): room for the largest of
+  them and for their layers' KV cache is kept there, instead of accelerate's blanket largest-layer cut;
+- a module outside the blocks too big for a GPU even empty (an unquantized embedding) moves on alone
+  instead of dragging every later layer with it; blocks always keep their order;
 - tied parameters are counted once and placed with the first module that holds one of them.
+
+Public: `plan_placement` -> `Plan` (`device_of`, `to_table`, `to_dict`), `tensor_sizes`,
+`available_devices`, `parse_memory`, `parse_max_memory`, `estimate_runtime_bytes`.
 
 The planner knows nothing of files or schemes: `tensor_sizes` asks quantized modules (anything with a
 `scheme` and a `_logical_shape`, i.e. QLinear / QEmbedding) for `scheme.nbytes_for`.
@@ -55,6 +62,19 @@ def parse_memory(value, *, what: str = "memory size") -> int:
     raise ConfigError(f"{what} {value!r} is not a size: expected a non-negative int of bytes or a string "
                       f"such as '2GiB', '500MB', '1.5GB' (B, KB, MB, GB, TB count in 1000s; KiB, MiB, GiB, "
                       f"TiB in 1024s)")
+
+
+def parse_max_memory(text: str) -> dict[str, int]:
+    """The CLI form "cuda:0=2GiB,cpu=10GiB" (commas or spaces between entries) as {device: bytes}."""
+    out = {}
+    for entry in text.replace(",", " ").split():
+        device, sep, size = entry.partition("=")
+        if not sep or not device:
+            raise ConfigError(f"--max-memory entry {entry!r} is not DEVICE=SIZE (e.g. cuda:0=2GiB,cpu=10GiB)")
+        out[device] = parse_memory(size, what=f"max memory for {device!r}")
+    if not out:
+        raise ConfigError(f"--max-memory {text!r} names no device (e.g. cuda:0=2GiB,cpu=10GiB)")
+    return out
 
 
 def format_bytes(n: float) -> str:
@@ -364,6 +384,10 @@ class _Headroom:
     rule: str
 
 
+def _on(devices: list[str]) -> str:
+    return f"on {devices[0]}" if len(devices) == 1 else f"on each of {', '.join(devices)}"
+
+
 def _text_config(config):
     get = getattr(config, "get_text_config", None)
     return get() if callable(get) else config
@@ -413,7 +437,7 @@ def _headroom(headroom, budgets: dict[str, int], compute: list[str], known: list
             if not 0 <= headroom < 1:
                 raise ConfigError(f"headroom {headroom!r}: a float is a fraction of each budget, in [0, 1)")
             return _Headroom({d: int(budgets.get(d, 0) * headroom) for d in compute}, 0,
-                             f"{headroom:.0%} of each budget on {', '.join(compute)} (as asked)")
+                             f"{headroom:.0%} of the budget {_on(compute)} (as asked)")
         if isinstance(headroom, Mapping):
             fixed = {_device_name(k, known, what="headroom device"): parse_memory(v, what=f"headroom[{k!r}]")
                      for k, v in headroom.items()}
@@ -421,12 +445,12 @@ def _headroom(headroom, budgets: dict[str, int], compute: list[str], known: list
                 f"{d} {format_bytes(b)}" for d, b in fixed.items()))
         nbytes = parse_memory(headroom, what="headroom")
         return _Headroom({d: nbytes for d in compute}, 0,
-                         f"{format_bytes(nbytes)} on each of {', '.join(compute)} (as asked)")
+                         f"{format_bytes(nbytes)} {_on(compute)} (as asked)")
     estimate = estimate_runtime_bytes(config, context_tokens=context_tokens, batch_size=batch_size,
                                       dtype=dtype) if config is not None else None
     if estimate is None:
         return _Headroom({d: int(budgets.get(d, 0) * DEFAULT_HEADROOM_FRACTION) for d in compute}, 0,
-                         f"{DEFAULT_HEADROOM_FRACTION:.0%} of each budget on {', '.join(compute)} for "
+                         f"{DEFAULT_HEADROOM_FRACTION:.0%} of the budget {_on(compute)} for "
                          f"activations and KV cache (no model config to estimate them from)")
     kv_per_layer, activations = estimate
     layers = int(_text_config(config).num_hidden_layers)
@@ -434,12 +458,11 @@ def _headroom(headroom, budgets: dict[str, int], compute: list[str], known: list
     if n_blocks == layers:
         return _Headroom({d: activations for d in compute}, kv_per_layer,
                          f"KV cache {format_bytes(kv_per_layer)} per layer for {where}, charged to the "
-                         f"layer's device; prefill activations {format_bytes(activations)} on each of "
-                         f"{', '.join(compute)}")
+                         f"layer's device; prefill activations {format_bytes(activations)} {_on(compute)}")
     # the layers are not recognizable as blocks: every compute device keeps room for the whole cache
     return _Headroom({d: activations + kv_per_layer * layers for d in compute}, 0,
                      f"prefill activations {format_bytes(activations)} + KV cache of all {layers} layers "
-                     f"{format_bytes(kv_per_layer * layers)} for {where} on each of {', '.join(compute)}")
+                     f"{format_bytes(kv_per_layer * layers)} for {where} {_on(compute)}")
 
 
 # --- the planner -----------------------------------------------------------------------------------
@@ -718,29 +741,35 @@ def _plan_greedy(index, sizing: _Sizing, mode, budgets, capacity, room: _Headroo
     compute = [d for d in budgets if _is_compute(d) and budgets[d] > 0]
     exec_device = compute[0] if compute else "cpu"
     # Modules offloaded to the CPU (when there is a GPU) or to disk are brought to the first compute
-    # device to run (accelerate's hooks): keep room there for the largest of them. Re-plan until the
-    # reservation covers what ends up offloaded; it only grows, and a few rounds settle it.
-    staging, too_big = 0, []
+    # device to run (accelerate's hooks), and their layers' KV cache lives there: keep room there for
+    # the largest of them and for that cache. Re-plan until the reservation covers what ends up
+    # offloaded; it only grows, and a few rounds settle it.
+    staging, kv_moved, too_big = 0, set(), []
     for _ in range(4):
+        reserve = staging + len(kv_moved) * sizing.kv_per_block
         reserved = dict(room.fixed)
-        reserved[exec_device] = reserved.get(exec_device, 0) + staging
+        reserved[exec_device] = reserved.get(exec_device, 0) + reserve
         slots = _slots(mode, budgets, reserved, total)
         assignment = _greedy(index, sizing, slots, budgets, reserved)
         tensor_device = _tensor_devices(index, assignment)
         used = next((d for d in compute if d in tensor_device), None)
-        if used is not None and used != exec_device and not staging:
+        if used is not None and used != exec_device and not reserve:
             exec_device = used   # the first GPU got nothing: offloaded modules run on the next one
         room_there = max(0, budgets.get(exec_device, 0) - room.fixed.get(exec_device, 0))
-        needed, too_big = _staging_needed(sizing, tensor_device, exec_device, room_there)
-        if needed <= staging:
+        needed, blocks, too_big = _staging_needed(sizing, tensor_device, exec_device, room_there)
+        if needed + len(blocks) * sizing.kv_per_block <= reserve:
             break
-        staging = needed
-    if staging and exec_device not in tensor_device:   # the reservation crowded out the GPUs: all runs
-        staging, reserved = 0, dict(room.fixed)          # where it is stored, nothing needs staging
+        staging, kv_moved = max(staging, needed), kv_moved | blocks
+    if reserve and exec_device not in tensor_device:   # the reservation crowded out the GPUs: all runs
+        staging, kv_moved = 0, set()                     # where it is stored, nothing needs staging
+    reserved = dict(room.fixed)
+    reserved[exec_device] = reserved.get(exec_device, 0) + staging
     rule = room.rule + (f"; {format_bytes(staging)} on {exec_device} to run the largest offloaded module"
-                        if staging else "")
+                        if staging else "") + (f" (the KV cache of the {len(kv_moved)} offloaded layers "
+                                               f"is counted there too)" if kv_moved else "")
     plan = _finish(index, sizing, tensor_device, budgets, capacity,
-                   _Headroom(reserved, room.kv_per_block, rule), mode, offload_folder, assignment)
+                   _Headroom(reserved, room.kv_per_block, rule), mode, offload_folder, assignment,
+                   kv_moved=kv_moved, exec_device=exec_device)
     for unit, nbytes in too_big[:5]:
         plan.warnings.append(f"{unit!r} ({format_bytes(nbytes)}) is offloaded and larger than the room on "
                              f"{exec_device}; it runs where it is stored")
@@ -763,19 +792,19 @@ def _tensor_devices(index, assignment) -> list[str]:
     return tensor_device
 
 
-def _staging_needed(sizing: _Sizing, tensor_device, exec_device, room_there) -> tuple[int, list]:
+def _staging_needed(sizing: _Sizing, tensor_device, exec_device, room_there) -> tuple[int, set, list]:
     """Bytes of the largest offloaded module that can be brought to `exec_device` (a no-split block or a
-    leaf module), and the offloaded modules too large to ever be brought there."""
+    leaf module), the offloaded blocks run there, and the offloaded modules too large to be brought."""
     if exec_device not in tensor_device:   # nothing runs there: everything runs where it is stored
-        return 0, []
+        return 0, set(), []
     offloaded: dict[str, int] = {}
     for i, dev in enumerate(tensor_device):
         if dev == "disk" or (dev == "cpu" and exec_device != "cpu"):
             unit = sizing.exec_unit[i]
             offloaded[unit] = offloaded.get(unit, 0) + sizing.bytes[i]
-    fitting = [b for b in offloaded.values() if b <= room_there]
+    fitting = {u: b for u, b in offloaded.items() if b <= room_there}
     too_big = [(u, b) for u, b in offloaded.items() if b > room_there]
-    return max(fitting, default=0), too_big
+    return max(fitting.values(), default=0), {u for u in fitting if u in sizing.blocks}, too_big
 
 
 def _greedy(index, sizing: _Sizing, slots: list[_Slot], budgets, reserved):
@@ -894,7 +923,7 @@ def _no_room(unit, need, sizing: _Sizing, slots, budgets, reserved) -> Placement
 
 
 def _finish(index, sizing: _Sizing, tensor_device, budgets, capacity, room: _Headroom, mode,
-            offload_folder, assignment=None) -> Plan:
+            offload_folder, assignment=None, *, kv_moved=frozenset(), exec_device=None) -> Plan:
     if "disk" in tensor_device and offload_folder is None:
         on_disk = sum(sizing.bytes[i] for i, d in enumerate(tensor_device) if d == "disk")
         raise ConfigError(f"device_map puts {format_bytes(on_disk)} on 'disk' but no offload_folder was "
@@ -908,10 +937,10 @@ def _finish(index, sizing: _Sizing, tensor_device, budgets, capacity, room: _Hea
              for d in names}
     for i, d in enumerate(tensor_device):
         plans[d].weights += sizing.bytes[i]
-    for b in sizing.blocks:
+    for b in sizing.blocks:   # a layer's KV cache lives where the layer runs
         r = index.tensor_range(b)
         if len(r):
-            plans[tensor_device[r.start]].kv_cache += sizing.kv_per_block
+            plans[exec_device if b in kv_moved else tensor_device[r.start]].kv_cache += sizing.kv_per_block
     if assignment is None:
         assignment = _units_of(index, tensor_device)
     for unit, dev in assignment:
