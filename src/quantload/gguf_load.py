@@ -20,10 +20,6 @@ from .runtime.modules import _QModule
 _FLOAT_TYPES = {0, 1, 30}  # F32, F16, BF16 stay plain tensors
 
 
-def _tensor_table(source) -> dict[str, tuple[tuple[int, ...], int]]:
-    return {n: (source.info(n).shape, source.info(n).ggml_type) for n in source.keys()}
-
-
 class GGUFWeights(Weights):
     def __init__(self, source, model_map, dtype: torch.dtype):
         self.source = source
@@ -84,7 +80,9 @@ class GGUFWeights(Weights):
 
 def model_map_of(source):
     from .architectures import gguf_to_hf
-    return gguf_to_hf(source.fields, _tensor_table(source), file=source.path)
+    # read_tensor: Llama 3.1+ and Phi-3 128k keep their RoPE scaling in small F32 tensors
+    return gguf_to_hf(source.fields, {n: source.info(n) for n in source.keys()}, file=source.path,
+                      read_tensor=source.get_typed)
 
 
 def load_gguf(source, *, report: LoadReport, t0: float, quantize, dtype, device_map, max_memory, offload_folder,
