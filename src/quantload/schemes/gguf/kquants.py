@@ -1,0 +1,94 @@
+"""Decoders of the K-quants (256-element super-blocks): Q2_K, Q3_K, Q4_K, Q5_K, Q6_K, Q8_K.
+
+Same contract as legacy.py: fill float32 `out` [n, 256] from uint8 `b` [n, type_size], in gguf-py's
+order of float32 operations (sub-block scale = d * sc first, then scale * q, then - d_min * m).
+
+Layout work (see _bits.py): each code field is copied once into plane-major order (`planar`), bit planes
+are cut 8 bytes at a time from int64 words with broadcast shifts (`cut`), planes of different fields are
+combined there (no carries: each byte stays below 256), and one copy puts the codes in element order
+while casting to float (`to_elements`).
+"""
+from __future__ import annotations
+
+import torch
+
+from ._bits import as_bytes, cut, field, half, nibble_words, planar, rep, scalar, to_elements, words
+
+
+def q2_k(b, out):
+    n = b.shape[0]
+    sc_lo, sc_hi = nibble_words(words(b, 0, 16))
+    dl = half(b, 80) * as_bytes(sc_lo, n).float()
+    ml = half(b, 82) * as_bytes(sc_hi, n).float()
+    q = cut(planar(b, 16, (2, 32)).view(torch.int64), (0, 2, 4, 6), rep(3), dim=1)   # [half, plane, n, 4]
+    to_elements(out, q.view(torch.uint8))
+    o = out.view(n, 16, 16)
+    o.mul_(dl.unsqueeze(-1)).sub_(ml.unsqueeze(-1))
+
+
+def q3_k_scales(b: torch.Tensor) -> torch.Tensor:
+    """The 16 six-bit Q3_K scales minus 32, float32 [n, 16]: low nibbles from bytes 0..7 (values 0..7 from
+    the low nibbles, 8..15 from the high ones), 2 high bits from bytes 8..11 (shift 2i gives values 4i..)."""
+    n = b.shape[0]
+    lo, hi = nibble_words(words(b, 96, 104)[:, 0])                             # [n] int64 each
+    high2 = cut(words(b, 104, 108, torch.int32)[:, 0], (0, 2, 4, 6), 0x03030303, dim=1)   # [n, 4]
+    return (as_bytes(torch.stack([lo, hi], dim=1), n) | (as_bytes(high2, n) << 4)).float() - 32
+
+
+def q3_k(b, out):
+    dl = half(b, 108) * q3_k_scales(b)
+    q = cut(planar(b, 32, (2, 32)).view(torch.int64), (0, 2, 4, 6), rep(3), dim=1)   # [half, j, n, 4]
+    h = cut(words(b, 0, 32).unsqueeze(0), tuple(range(8)), rep(1), dim=0)          # [8 = 4 half + j, 1, n, 4]
+    codes = (q + (h.view(q.shape) << 2)).view(torch.uint8) - 4      # q - 4 * (1 - hbit), in 0..7 before -4
+    to_elements(out, codes.view(torch.int8))
+    out.view(b.shape[0], 16, 16).mul_(dl.unsqueeze(-1))
+
+
+def scale_min_k4(b: torch.Tensor, at: int = 4):
+    """get_scale_min_k4 over the 12 bytes at `at`: (8 six-bit scales, 8 six-bit mins), float32 [n, 8] each,
+    computed 4 at a time on int32 words."""
+    n = b.shape[0]
+    w = words(b, at, at + 12, torch.int32)                     # [n, 3]: d, m, m_d words
+    d, m, md = w[:, 0], w[:, 1], w[:, 2]
+    sc = torch.stack([d & 0x3F3F3F3F, (md & 0x0F0F0F0F) | ((d >> 2) & 0x30303030)], dim=1)
+    mn = torch.stack([m & 0x3F3F3F3F, ((md >> 4) & 0x0F0F0F0F) | ((m >> 2) & 0x30303030)], dim=1)
+    return as_bytes(sc, n).float(), as_bytes(mn, n).float()
+
+
+def _scale_min_apply(b, out, codes):
+    n = b.shape[0]
+    sc, mn = scale_min_k4(b)
+    dl = half(b, 0) * sc
+    ml = half(b, 2) * mn
+    to_elements(out, codes)
+    out.view(n, 8, 32).mul_(dl.unsqueeze(-1)).sub_(ml.unsqueeze(-1))
+
+
+def q4_k(b, out):
+    q = cut(planar(b, 16, (4, 32)).view(torch.int64), (0, 4), rep(15), dim=1)       # [chunk, nib, n, 4]
+    _scale_min_apply(b, out, q.view(torch.uint8))
+
+
+def q5_k(b, out):
+    q = cut(planar(b, 48, (4, 32)).view(torch.int64), (0, 4), rep(15), dim=1)       # [chunk, nib, n, 4]
+    h = cut(words(b, 16, 48), tuple(range(8)), rep(1), dim=0)                      # [8 = 2 chunk + nib, n, 4]
+    _scale_min_apply(b, out, (q | (h.view(q.shape) << 4)).view(torch.uint8))
+
+
+def q6_k(b, out):
+    # element 128 h + 32 j + l: ql nibble plane s = j // 2 of byte 64 h + 32 (j % 2) + l, qh crumb plane j
+    ql = cut(planar(b, 0, (2, 2, 32)).view(torch.int64), (0, 4), rep(15), dim=1)   # [h, s, j % 2, n, 4]
+    qh = cut(planar(b, 128, (2, 32)).view(torch.int64), (0, 2, 4, 6), rep(3), dim=1)  # [h, j, n, 4]
+    codes = ((ql.view(qh.shape) | (qh << 4)).view(torch.uint8) - 32).view(torch.int8)
+    dl = half(b, 208) * field(b, 192, 208).view(torch.int8).float()
+    to_elements(out, codes)
+    out.view(b.shape[0], 16, 16).mul_(dl.unsqueeze(-1))
+
+
+def q8_k(b, out):
+    """Not in gguf-py: d (float32) * q (int8); the 16 int16 bsums at 260:292 are not needed."""
+    out.copy_(b[:, 4:260].view(torch.int8))
+    out.mul_(scalar(b, 0, torch.float32).unsqueeze(-1))
+
+
+DECODERS = {10: q2_k, 11: q3_k, 12: q4_k, 13: q5_k, 14: q6_k, 15: q8_k}

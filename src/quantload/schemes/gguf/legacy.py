@@ -1,0 +1,100 @@
+"""Decoders of the plain float types and the legacy 32-element blocks (Q4_0 ... Q8_1).
+
+Each decoder fills `out` (float32 [n, block_size], contiguous) from `b` (uint8 [n, type_size]). The
+arithmetic follows gguf-py 0.19 step by step, in float32, so the results are bit for bit the same:
+small integer codes are built in 1-byte dtypes, cast into `out` once, then scaled in place.
+
+These 17-24 byte blocks are eager torch's worst case (many short rows, see _bits.py), so nibbles are
+split over the whole contiguous chunk at once (the bytes of other fields included: cheaper than slicing
+first), and the element order (j, j + 16) is produced by the one copy that also casts to float.
+"""
+from __future__ import annotations
+
+import torch
+
+from . import grids
+from ._bits import half, spread_bits
+
+
+def f32_type(b, out):
+    out.copy_(b.view(torch.float32))
+
+
+def f16_type(b, out):
+    out.copy_(b.view(torch.float16))
+
+
+def bf16_type(b, out):
+    out.copy_(b.view(torch.bfloat16))   # bf16 -> f32 is a 16-bit shift, exact
+
+
+def nibbles_into(out: torch.Tensor, b: torch.Tensor, start: int, bias: int = 0) -> None:
+    """out[:, j] = (lo nibble of qs[j]) + bias, out[:, j + 16] = (hi nibble) + bias for
+    qs = b[:, start:start + 16]; bias applied in uint8 and read back as int8."""
+    n = b.shape[0]
+    lo, hi = b & 15, b >> 4
+    if bias:
+        lo, hi = (lo + bias).view(torch.int8), (hi + bias).view(torch.int8)
+    o = out.view(n, 2, 16)
+    o[:, 0].copy_(lo[:, start:start + 16])
+    o[:, 1].copy_(hi[:, start:start + 16])
+
+
+def five_bit_codes(b: torch.Tensor, qs_at: int, qh_at: int, one: int, zero: int) -> torch.Tensor:
+    """Q5_x codes uint8 [n, 32]: nibble of qs (j / j + 16 order) + (`one` if bit j of the little-endian
+    u32 qh is set else `zero`), in wrapping uint8."""
+    lo, hi = b & 15, b >> 4
+    codes = torch.stack([lo[:, qs_at:qs_at + 16], hi[:, qs_at:qs_at + 16]], dim=1).view(b.shape[0], 32)
+    return codes.add_(spread_bits(b[:, qh_at:qh_at + 4], one, zero))
+
+
+def q4_0(b, out):
+    nibbles_into(out, b, 2, bias=-8)
+    out.mul_(half(b, 0))
+
+
+def q4_1(b, out):
+    nibbles_into(out, b, 4)
+    out.mul_(half(b, 0)).add_(half(b, 2))
+
+
+def q5_0(b, out):
+    # (nibble | bit << 4) - 16 == nibble + (bit ? 0 : -16)
+    out.copy_(five_bit_codes(b, 6, 2, one=0, zero=0xF0).view(torch.int8))
+    out.mul_(half(b, 0))
+
+
+def q5_1(b, out):
+    out.copy_(five_bit_codes(b, 8, 4, one=16, zero=0))
+    out.mul_(half(b, 0)).add_(half(b, 2))
+
+
+def q8_0(b, out):
+    out.copy_(b[:, 2:34].view(torch.int8))
+    out.mul_(half(b, 0))
+
+
+def q8_1(b, out):
+    """Not in gguf-py; ggml has no dequantizer either. d * q; bytes 2:4 hold s = d * sum(q), unused."""
+    out.copy_(b[:, 4:36].view(torch.int8))
+    out.mul_(half(b, 0))
+
+
+DECODERS = {0: f32_type, 1: f16_type, 30: bf16_type, 2: q4_0, 3: q4_1, 6: q5_0, 7: q5_1, 8: q8_0, 9: q8_1}
+
+
+def q1_0(b, out):
+    """Not in gguf-py 0.19 (reference: gguf.md 2.3, checked there against ggml's C): 128 signs, bit j of
+    qs -> element j, value +d or -d."""
+    out.copy_(spread_bits(b[:, 2:18], 1, 0xFF).view(torch.int8))
+    out.mul_(half(b, 0))
+
+
+def q2_0(b, out):
+    """Not in gguf-py 0.19 (reference: gguf.md 2.3): 64 values of 2 bits, least significant first,
+    (q - 1) * d."""
+    out.copy_((grids.lanes("crumbs", b[:, 2:18]) - 1).view(torch.int8))
+    out.mul_(half(b, 0))
+
+
+DECODERS.update({41: q1_0, 42: q2_0})

@@ -1,0 +1,133 @@
+"""GGUFScheme: every ggml block type as a quantload scheme, so a GGUF weight is a QTensor like any other.
+
+A QTensor of this scheme holds the file's bytes untouched, as rows: data["blocks"] is uint8
+[rows, row_bytes] with rows = prod(shape[:-1]) and row_bytes = shape[-1] / block_size * type_size. Rows
+stay whole, so callers may permute or gather them (llama q/k un-permutation, embedding lookups) without
+knowing the block layout. Dequantization is gguf-py's math in float32, then a cast to the asked dtype.
+"""
+from __future__ import annotations
+
+import functools
+import math
+
+import torch
+import torch.nn.functional as F
+
+from ...errors import MissingTensorError, ShapeMismatchError, UnsupportedError
+from ...ggml_types import GGML_TYPES, GGMLType
+from ..base import QTensor, Scheme
+from .dequant import decoder, dequantize_blocks
+from .quantize import quantize_blocks
+
+#: plain float types whose blocks can be read in place as a torch tensor
+_PLAIN = {0: torch.float32, 1: torch.float16, 30: torch.bfloat16}
+
+
+class GGUFScheme(Scheme):
+    """One ggml type. Keys: the tensor itself ("weight" relative to the module prefix)."""
+
+    def __init__(self, t: GGMLType):
+        self.ggml = t
+        self.type_id = t.id
+        self.block_size = t.block_size
+        self.type_size = t.type_size
+        self.name = "gguf-" + t.name.lower()
+
+    def required_keys(self) -> tuple[str, ...]:
+        return ("weight",)
+
+    # --- shapes -----------------------------------------------------------------------------------
+    def _rows(self, shape, file=None, key=None) -> tuple[int, int]:
+        """(rows, row_bytes) for a logical shape, or ShapeMismatchError."""
+        shape = tuple(int(s) for s in shape)
+        if any(s < 0 for s in shape):
+            raise ShapeMismatchError(f"invalid shape {shape}", file=file, key=key)
+        ne0 = shape[-1] if shape else 1
+        if ne0 % self.block_size:
+            raise ShapeMismatchError(
+                f"{self.ggml.name} row length {ne0} (shape {shape}) is not a multiple of its block size "
+                f"{self.block_size}", file=file, key=key)
+        return math.prod(shape[:-1]), ne0 // self.block_size * self.type_size
+
+    def nbytes_for(self, shape, dtype: torch.dtype = torch.float32) -> int:
+        rows, row_bytes = self._rows(shape)
+        return rows * row_bytes
+
+    # --- decode / encode ----------------------------------------------------------------------------
+    def decode(self, pieces, *, shape=None, file=None, prefix="") -> QTensor:
+        key = f"{prefix}.weight" if prefix else "weight"
+        raw = pieces.get("weight")
+        if raw is None:
+            raise MissingTensorError(f"no tensor for this {self.ggml.name} weight", file=file, key=key)
+        if raw.dtype != torch.uint8:             # a source may hand F32/F16 data typed; take its bytes
+            raw = raw.contiguous().view(torch.uint8) if raw.dim() else raw.reshape(1).view(torch.uint8)
+        raw = raw.reshape(-1)
+        if shape is None:
+            if raw.numel() % self.type_size:
+                raise ShapeMismatchError(
+                    f"{raw.numel()} bytes is not a whole number of {self.type_size}-byte {self.ggml.name} "
+                    f"blocks", file=file, key=key)
+            shape = (raw.numel() // self.type_size * self.block_size,)
+        shape = tuple(int(s) for s in shape)
+        rows, row_bytes = self._rows(shape, file, key)
+        if raw.numel() != rows * row_bytes:
+            raise ShapeMismatchError(
+                f"{self.ggml.name} tensor of shape {shape} needs {rows * row_bytes} bytes ({rows} rows of "
+                f"{row_bytes}), found {raw.numel()}", file=file, key=key)
+        blocks = raw.view(rows, row_bytes)
+        return QTensor(self, {"blocks": blocks}, shape, torch.float32, {"ggml_type": self.type_id})
+
+    def encode(self, qt: QTensor) -> dict[str, torch.Tensor]:
+        """The raw bytes as the file stores them (1-D uint8)."""
+        return {"weight": qt.data["blocks"].contiguous().reshape(-1)}
+
+    # --- dequantize -----------------------------------------------------------------------------------
+    def _read_in_place(self, qt: QTensor, dtype: torch.dtype) -> torch.Tensor | None:
+        """The weight as a view of its bytes, when it is a plain float type already in `dtype` (no math)."""
+        blocks = qt.data["blocks"]
+        if _PLAIN.get(self.type_id) != dtype or blocks.is_meta or not blocks.is_contiguous():
+            return None
+        if blocks.storage_offset() % blocks.new_empty((), dtype=dtype).element_size():
+            return None
+        return blocks.view(dtype).view(qt.shape)
+
+    def dequantize(self, qt: QTensor, dtype: torch.dtype) -> torch.Tensor:
+        """A new tensor of qt.shape in `dtype` (gguf-py's float32 values, cast)."""
+        return dequantize_blocks(self.type_id, qt.data["blocks"], dtype).view(qt.shape)
+
+    def linear(self, x: torch.Tensor, qt: QTensor, bias: torch.Tensor | None) -> torch.Tensor:
+        """Dequantize per call (nothing cached: the weight stays quantized in memory), then matmul."""
+        w = self._read_in_place(qt, x.dtype)
+        if w is None:
+            w = self.dequantize(qt, x.dtype)
+        return F.linear(x, w, bias.to(x.dtype) if bias is not None else None)
+
+    def embedding(self, ids: torch.Tensor, qt: QTensor, dtype: torch.dtype) -> torch.Tensor:
+        """Rows of a [num_embeddings, dim] table: gathers only the rows' blocks, then dequantizes them."""
+        if qt.ndim != 2:
+            raise ShapeMismatchError(f"an embedding table must be 2-D, this {self.ggml.name} weight has "
+                                     f"shape {tuple(qt.shape)}")
+        blocks = qt.data["blocks"]
+        rows = blocks.index_select(0, ids.reshape(-1).to(blocks.device))
+        return dequantize_blocks(self.type_id, rows, dtype).view(*ids.shape, qt.shape[1])
+
+    # --- quantize -------------------------------------------------------------------------------------
+    def quantize(self, w: torch.Tensor) -> QTensor:
+        """Float weight -> blocks, the bytes gguf-py's quantize() writes (F32, F16, BF16, Q8_0, Q4_0,
+        Q4_1, Q5_0, Q5_1)."""
+        blocks = quantize_blocks(self.type_id, w)
+        dtype = w.dtype if w.is_floating_point() else torch.float32
+        return QTensor(self, {"blocks": blocks}, w.shape, dtype, {"ggml_type": self.type_id})
+
+    def __repr__(self) -> str:
+        return f"GGUFScheme({self.ggml.name}, block {self.block_size} elems / {self.type_size} bytes)"
+
+
+@functools.lru_cache(maxsize=None)
+def gguf_scheme(type_id: int) -> GGUFScheme:
+    """The (shared) scheme of ggml type `type_id`; UnsupportedError for a type we cannot decode."""
+    t = GGML_TYPES.get(int(type_id))
+    if t is None:
+        raise UnsupportedError(f"unknown ggml type id {type_id} (known ids: {sorted(GGML_TYPES)})")
+    decoder(t.id)   # raises UnsupportedError naming the supported types
+    return GGUFScheme(t)
