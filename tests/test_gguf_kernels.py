@@ -70,8 +70,9 @@ def test_chunked_dequantize_matches(name):
 
 def test_grids_equal_gguf_py():
     cpu = torch.device("cpu")
-    for name, cls in [("iq2xxs", gguf_quants.IQ2_XXS), ("iq2xs", gguf_quants.IQ2_XS), ("iq2s", gguf_quants.IQ2_S),
-                      ("iq3xxs", gguf_quants.IQ3_XXS), ("iq3s", gguf_quants.IQ3_S), ("iq1s", gguf_quants.IQ1_S)]:
+    q = gguf_quants
+    for name, cls in [("iq2xxs", q.IQ2_XXS), ("iq2xs", q.IQ2_XS), ("iq2s", q.IQ2_S), ("iq3xxs", q.IQ3_XXS),
+                      ("iq3s", q.IQ3_S), ("iq1s", q.IQ1_S)]:
         cls.init_grid()
         assert torch.equal(grids.grid(name, cpu), torch.from_numpy(cls.grid.reshape(cls.grid_shape))), name
     assert bytes(grids.ksigns_iq2xs(i) for i in range(128)) == gguf_quants.IQ2_XXS.ksigns
@@ -83,6 +84,16 @@ def test_mxfp4_e8m0_denormal_and_extreme_exponents():
     raw = random_blocks(tid("MXFP4"), 6, seed=3)
     raw[:, 0] = torch.tensor([0, 1, 2, 127, 128, 200], dtype=torch.uint8)
     assert torch.equal(dequantize_blocks(tid("MXFP4"), raw), gguf_py("MXFP4", raw))
+
+
+def test_fp4_scale_codes_all_256_values():
+    from quantload.schemes.gguf.ternary_fp4 import e8m0_to_fp32_half, ue4m3_to_fp32_half
+    codes = np.arange(256, dtype=np.uint8)
+    want_e8m0 = gguf_quants.MXFP4.e8m0_to_fp32_half(codes).astype(np.float32)
+    want_ue4m3 = gguf_quants.NVFP4.ue4m3_to_fp32(codes).astype(np.float32)
+    t = torch.from_numpy(codes)
+    assert torch.equal(e8m0_to_fp32_half(t), torch.from_numpy(want_e8m0))
+    assert torch.equal(ue4m3_to_fp32_half(t), torch.from_numpy(want_ue4m3))
 
 
 # --- types gguf-py cannot decode: against the numpy reference of gguf.md 2.3 (checked there vs ggml C) --

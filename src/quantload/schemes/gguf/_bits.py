@@ -63,11 +63,6 @@ def half(b: torch.Tensor, offset: int) -> torch.Tensor:
     return scalar(b, offset, torch.float16).float().unsqueeze(-1)
 
 
-def u16(b: torch.Tensor, offset: int) -> torch.Tensor:
-    """The little-endian uint16 at `offset` of each block, as int32 [n]."""
-    return scalar(b, offset, torch.int16).int() & 0xFFFF
-
-
 def nibble_words(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """int words -> (low nibbles, high nibbles) of each of their bytes, in place of the byte."""
     m = rep(15) if w.dtype == torch.int64 else 0x0F0F0F0F

@@ -77,8 +77,8 @@ def dequantize_blocks(type_id: int, blocks: torch.Tensor, dtype: torch.dtype = t
                                  f"{t.type_size}-byte block (shape {tuple(blocks.shape)})")
     out_shape = (*blocks.shape[:-1], last // t.type_size * t.block_size)
     flat = blocks.reshape(-1, t.type_size)
-    if flat.storage_offset() % 8:      # decoders read fields through 2/4/8-byte views of the rows
-        flat = flat.clone()
+    if not flat.is_contiguous() or flat.storage_offset() % 8:
+        flat = flat.clone(memory_format=torch.contiguous_format)   # decoders view rows as 2/4/8-byte words
     n = flat.shape[0]
     out = empty_output((n, t.block_size), dtype, blocks.device)
     if n == 0 or blocks.is_meta:

@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 
 from . import grids
-from ._bits import as_bytes, field, half, nibble_words, spread_bits, u16, words
+from ._bits import as_bytes, field, half, nibble_words, spread_bits, words
 
 
 def gather_rows(table: torch.Tensor, idx: torch.Tensor, out: torch.Tensor) -> None:
@@ -26,7 +26,7 @@ def four_bit_scales(sc: torch.Tensor) -> torch.Tensor:
 
 def iq2_xxs(b, out):
     n = b.shape[0]
-    aux = words(b, 2, 66, torch.int32).view(-1, 2)        # per 32 values: 4 grid bytes | 4 x 7 sign bits + scale
+    aux = words(b, 2, 66, torch.int32).view(-1, 2)   # per 32 values: 4 grid bytes | 4 x 7 sign bits, scale
     a0, a1 = aux[:, 0].contiguous(), aux[:, 1].contiguous()
     idx = torch.stack([(((a0 >> (8 * k)) & 255) << 7) | ((a1 >> (7 * k)) & 127) for k in range(4)], dim=-1)
     gather_rows(grids.signed_grid("iq2xxs", b.device), idx, out)
@@ -91,7 +91,6 @@ def iq1_m(b, out):
 
 
 def iq4_nl(b, out):
-    n = b.shape[0]
     lo, hi = b & 15, b >> 4
     codes = torch.stack([lo[:, 2:18], hi[:, 2:18]], dim=1)
     torch.index_select(grids.kvalues("iq4nl", b.device), 0, codes.view(-1).int(), out=out.view(-1))

@@ -13,16 +13,15 @@ from ._bits import as_bytes, const, cut, field, half, nibble_words, planar, rep,
 def tq1_0(b, out):
     """5 trits per byte in qs (4 per byte in qh), stored as a base-3 fixed-point fraction: trit k of byte x
     is ((uint8)(x * 3^k) * 3) >> 8, the uint8 product wrapping on purpose. Elements: trit k of qs[0:32]
-    for k = 0..4, then of qs[32:48], then of qh[0:4] for k = 0..3."""
-    n = b.shape[0]
+    for k = 0..4, then of qs[32:48], then of qh[0:4] for k = 0..3. The products go to `out` in element
+    order, then floor(p * 3/256) - 1 in float32 is exact (3p <= 765, 3/256 a power-of-two fraction)."""
     pow3 = const((1, 3, 9, 27, 81), torch.uint8, b.device).view(5, 1, 1)
     at = 0
     for width, trits in ((32, 5), (16, 5), (4, 4)):
-        x = planar(b, at, (1, width))                               # [1, n, width]
-        p = (x * pow3[:trits]).short()                              # [trits, n, width], wrapped
-        to_elements(out[:, at * 5:at * 5 + trits * width], ((p * 3) >> 8) - 1)
+        products = planar(b, at, (1, width)) * pow3[:trits]      # [trits, n, width], wrapped mod 256
+        to_elements(out[:, at * 5:at * 5 + trits * width], products)
         at += width
-    out.mul_(half(b, 52))
+    out.mul_(3 / 256).floor_().sub_(1).mul_(half(b, 52))
 
 
 def tq2_0(b, out):
@@ -49,7 +48,8 @@ def ue4m3_to_fp32_half(x: torch.Tensor) -> torch.Tensor:
     Every value is a short dyadic number, so this float32 arithmetic is exact."""
     e = ((x >> 3) & 15).int()
     m = (x & 7).float()
-    raw = torch.where(e == 0, m * 2.0 ** -9, (1 + m / 8) * torch.exp2((e - 7).float()))
+    pow2 = ((e + 120) << 23).view(torch.float32)          # 2^(e - 7) built from its bits (exp2 may round)
+    raw = torch.where(e == 0, m * 2.0 ** -9, (1 + m / 8) * pow2)
     return torch.where((x == 0) | (x == 0x7F), 0.0, raw * 0.5)
 
 
