@@ -41,6 +41,21 @@ def test_stream_matches_compressed_tensors_pack_to_int32(bits, dim):
     assert ref.shape[dim] == packed_len(n, bits)
 
 
+@pytest.mark.parametrize("bits", range(1, 9))
+def test_unpack_stream_uint8_output_matches_int32(bits):
+    words = torch.randint(-(1 << 31), (1 << 31) - 1, (6, 9), generator=torch.Generator().manual_seed(bits),
+                          dtype=torch.int32)
+    for dim in (0, 1):
+        n = words.shape[dim] * 32 // bits
+        wide = unpack_stream(words, bits, n, dim=dim)
+        assert wide.dtype == torch.int32
+        assert torch.equal(unpack_stream(words, bits, n, dim=dim, dtype=torch.uint8), wide.to(torch.uint8))
+        # field k of the stream = bits [k*bits, k*bits + bits) of the little-endian bit string
+        line = words.select(1 - dim, 2).tolist()
+        stream = sum((w & 0xFFFFFFFF) << (32 * i) for i, w in enumerate(line))
+        assert wide.select(1 - dim, 2).tolist() == [(stream >> (k * bits)) & ((1 << bits) - 1) for k in range(n)]
+
+
 def test_gptq_three_bit_reference_words():
     """formats.md §3.3: 32 three-bit fields of value 3 are the words 0xDB6DB6DB, 0xB6DB6DB6, 0x6DB6DB6D."""
     words = pack_stream(torch.full((32,), 3), 3)
@@ -70,7 +85,7 @@ def test_planes_match_hqq_bitpack(packing, bits, slices):
     shifts = [(slices - 1 - k) * bits for k in range(slices)]
     dtype = torch.int32 if bits == 3 else torch.uint8
     assert torch.equal(pack_planes(codes, bits, shifts, dtype), ref)
-    assert torch.equal(unpack_planes(ref, bits, shifts)[:40], codes.to(torch.int32))
+    assert torch.equal(unpack_planes(ref, bits, shifts)[:40], codes.to(ref.dtype))
 
 
 @pytest.mark.parametrize("bits", [2, 4])
@@ -80,7 +95,7 @@ def test_planes_match_quanto_pack_weights(bits):
     ref = packed_mod.pack_weights(codes, bits)
     shifts = [k * bits for k in range(8 // bits)]
     assert torch.equal(pack_planes(codes, bits, shifts, torch.uint8), ref)
-    assert torch.equal(unpack_planes(ref, bits, shifts)[:37], codes.to(torch.int32))
+    assert torch.equal(unpack_planes(ref, bits, shifts)[:37], codes)
 
 
 # --- qparams: op for op what compressed-tensors computes ------------------------------------------

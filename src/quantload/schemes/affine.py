@@ -173,14 +173,48 @@ def minmax_qparams(w: torch.Tensor, args: WeightArgs):
     return scale.to(w.dtype), zero_point
 
 
-def _broadcast(t: torch.Tensor, args: WeightArgs, shape) -> torch.Tensor:
-    """A scale/zero-point tensor expanded to one entry per weight element ([O, I])."""
-    if args.strategy == "group":
-        return t.repeat_interleave(args.group_size, dim=-1)[..., : shape[-1]]
-    if args.strategy == "block":
-        bh, bw = args.block_structure
-        return t.repeat_interleave(bh, 0).repeat_interleave(bw, 1)[: shape[0], : shape[1]]
-    return t
+class _Grid:
+    """How a [O, I] weight lines up with its scale tensor. Whole groups/blocks reshape the weight so
+    scales broadcast without being copied per element; partial ones (and g_idx) expand the scales."""
+
+    def __init__(self, args: WeightArgs, shape, g_idx: torch.Tensor | None = None):
+        self.args, self.shape, self.g_idx = args, tuple(shape), g_idx
+        o, i = self.shape
+        st = args.strategy
+        if g_idx is not None:
+            self.mode = "index"
+        elif st == "group":
+            self.mode = "view" if i % args.group_size == 0 else "expand"
+        elif st == "block":
+            bh, bw = args.block_structure
+            self.mode = "view" if o % bh == 0 and i % bw == 0 else "expand"
+        else:
+            self.mode = "plain"              # tensor [1] and channel [O, 1] broadcast as they are
+
+    def weight(self, x: torch.Tensor) -> torch.Tensor:
+        if self.mode != "view":
+            return x
+        o, i = self.shape
+        if self.args.strategy == "group":
+            return x.reshape(o, i // self.args.group_size, self.args.group_size)
+        bh, bw = self.args.block_structure
+        return x.reshape(o // bh, bh, i // bw, bw)
+
+    def param(self, t: torch.Tensor) -> torch.Tensor:
+        if self.mode == "view":
+            return t.unsqueeze(-1) if self.args.strategy == "group" else t[:, None, :, None]
+        if self.mode == "index":
+            return t[:, self.g_idx.long()]
+        if self.mode == "expand":
+            o, i = self.shape
+            if self.args.strategy == "group":
+                return t.repeat_interleave(self.args.group_size, dim=-1)[..., :i]
+            bh, bw = self.args.block_structure
+            return t.repeat_interleave(bh, 0).repeat_interleave(bw, 1)[:o, :i]
+        return t
+
+    def restore(self, x: torch.Tensor) -> torch.Tensor:
+        return x.reshape(self.shape)
 
 
 def quantize_values(w: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor | None,
@@ -188,32 +222,31 @@ def quantize_values(w: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tens
     """compressed-tensors' _quantize: x / scale (+ zp) in w's dtype, clamp, round; int8 codes for int,
     float8_e4m3fn for float."""
     _check_groups(w, args)
-    s = _broadcast(scale, args, w.shape)
-    scaled = w / s
+    grid = _Grid(args, w.shape)
+    scaled = grid.weight(w) / grid.param(scale)
     if zero_point is not None:
-        scaled += _broadcast(zero_point, args, w.shape).to(w.dtype)
+        scaled += grid.param(zero_point).to(w.dtype)
     q_min, q_max = qrange(args, w.device)
     scaled = torch.clamp(scaled, q_min, q_max)
     if args.type == "float":
-        return scaled.to(torch.float8_e4m3fn)
-    return torch.round(scaled).to(torch.int8)
+        return grid.restore(scaled.to(torch.float8_e4m3fn))
+    return grid.restore(torch.round(scaled).to(torch.int8))
 
 
 def dequantize_values(q: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor | None,
-                      args: WeightArgs, g_idx: torch.Tensor | None = None) -> torch.Tensor:
-    """compressed-tensors' _dequantize, in the scale's dtype. `g_idx` (old actorder="group"
-    checkpoints) picks each input column's group instead of col // group_size."""
-    if g_idx is not None:
-        g = g_idx.long()
-        s = scale[:, g]
-        z = zero_point[:, g] if zero_point is not None else None
-    else:
-        s = _broadcast(scale, args, q.shape)
-        z = _broadcast(zero_point, args, q.shape) if zero_point is not None else None
-    x = q.to(s.dtype)
-    if z is not None:
-        x = x - z.to(s.dtype)
-    return x * s
+                      args: WeightArgs, g_idx: torch.Tensor | None = None, offset: int = 0) -> torch.Tensor:
+    """compressed-tensors' _dequantize, (q - zp) * scale in the scale's dtype. `q` may be unsigned codes
+    stored `offset` above the signed values (pack-quantized): the offset joins the small zero-point
+    tensor instead of costing a pass over the weight; the difference is the same exact integer, so the
+    result is bit-identical. `g_idx` (old actorder="group" checkpoints) picks each input column's group."""
+    dt = scale.dtype
+    grid = _Grid(args, q.shape, g_idx)
+    x = grid.weight(q).to(dt)
+    if zero_point is not None:
+        x = x - grid.param(zero_point.to(torch.int32) + offset).to(dt)
+    elif offset:
+        x = x - offset
+    return grid.restore(x * grid.param(scale))
 
 
 # --- runtime quantization configs -----------------------------------------------------------------

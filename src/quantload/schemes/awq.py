@@ -29,11 +29,11 @@ _GEMM_LAYOUT = ("gemm", "exllama", "ipex")
 _VERSIONS = (*_GEMM_LAYOUT, "gemv")
 
 
-def unpack_awq_gemm(words: torch.Tensor, n: int) -> torch.Tensor:
-    """[R, n/8] int32 with the AWQ nibble interleave -> [R, n] int32 codes in column order."""
-    seq = unpack_stream(words, 4, words.shape[-1] * 8, dim=-1).unflatten(-1, (-1, 8))
-    order = torch.tensor(AWQ_REVERSE_ORDER, device=words.device)
-    return seq[..., order].flatten(-2)[..., :n]
+def unpack_awq_gemm(words: torch.Tensor, n: int, dtype: torch.dtype = torch.int32) -> torch.Tensor:
+    """[R, n/8] int32 with the AWQ nibble interleave -> [R, n] codes in column order: the sequential
+    nibbles, then the columns of each word put back in place."""
+    seq = unpack_stream(words, 4, words.shape[-1] * 8, dim=-1, dtype=dtype).unflatten(-1, (-1, 8))
+    return seq[..., list(AWQ_REVERSE_ORDER)].flatten(-2)[..., :n]
 
 
 def calculate_zeros_width(in_features: int, group_size: int, pack_num: int = 8) -> int:
@@ -119,23 +119,20 @@ class AWQScheme(Scheme):
         n_out, n_in = qt.shape
         gs, ng = qt.meta["group_size"], qt.meta["n_groups"]
         qzeros, scales = qt.data.get("qzeros"), qt.data["scales"]
-        if self.layout == "gemm":                                   # everything [inputs, outputs]
-            q = unpack_awq_gemm(qt.data["qweight"], n_out)
-            z = unpack_awq_gemm(qzeros, n_out) if qzeros is not None else None
-            s = scales
-            dim = 0
-        else:                                                       # everything [outputs, inputs]
-            q = unpack_stream(qt.data["qweight"], 4, n_in, dim=1)
-            z = unpack_stream(qzeros, 4, ng, dim=1) if qzeros is not None else None
-            s = scales[:, :ng]
-            dim = 1
-        if z is None:
-            z = torch.full((1, 1), 1 << (self.bits - 1), dtype=torch.int32, device=q.device)
-        else:
-            z = z.repeat_interleave(gs, dim)
-        w = (q - z).to(s.dtype) * s.repeat_interleave(gs, dim)
+        dt = scales.dtype
+        if self.layout == "gemm":                      # [inputs, outputs], groups along dim 0
+            q = unpack_awq_gemm(qt.data["qweight"], n_out, torch.uint8).reshape(ng, gs, n_out)
+            z = unpack_awq_gemm(qzeros, n_out).unsqueeze(1) if qzeros is not None else None
+            s = scales.unsqueeze(1)
+        else:                                          # [outputs, inputs], groups along dim 1
+            q = unpack_stream(qt.data["qweight"], 4, n_in, dim=1, dtype=torch.uint8).reshape(n_out, ng, gs)
+            z = unpack_stream(qzeros, 4, ng, dim=1).unsqueeze(-1) if qzeros is not None else None
+            s = scales[:, :ng].unsqueeze(-1)
+        # AutoAWQ's math: (q - z) * s, the difference an exact integer, one multiply in the scales' dtype
+        w = (q.to(dt) - (z.to(dt) if z is not None else 1 << (self.bits - 1))) * s
+        w = w.reshape(n_in, n_out).t() if self.layout == "gemm" else w.reshape(n_out, n_in)
         # a contiguous [O, I] weight, so a matmul on it rounds the same as on any other weight
-        return (w.t() if self.layout == "gemm" else w).to(dtype).contiguous()
+        return w.to(dtype).contiguous()
 
     def encode(self, qt: QTensor) -> dict[str, torch.Tensor]:
         return dict(qt.data)

@@ -176,18 +176,20 @@ class CTPackedScheme(_CTScheme):
         return False
 
     # --- use ------------------------------------------------------------------------------------
-    def _unpack(self, words, n, dim, layout):
+    def _unpack(self, words, n, dim, layout, dtype=torch.int32):
+        """Unsigned codes: the stored values are offset by +2^(bits-1)."""
         fn = unpack_stream if layout == "dense" else unpack_padded
-        return fn(words, self.bits, n, dim=dim) - self.offset
+        return fn(words, self.bits, n, dim=dim, dtype=dtype)
 
     def dequantize(self, qt: QTensor, dtype: torch.dtype) -> torch.Tensor:
         n_out, n_in = qt.shape
         layout = qt.meta["layout"]
-        q = self._unpack(qt.data["weight_packed"], n_in, 1, layout)
+        q = self._unpack(qt.data["weight_packed"], n_in, 1, layout, torch.uint8)
         zp = None if qt.meta.get("zp_ignored") else qt.data.get("weight_zero_point")
         if zp is not None and qt.meta["zp_packed"]:
-            zp = self._unpack(zp, n_out, 0, layout)
-        w = dequantize_values(q, qt.data["weight_scale"], zp, self.args, qt.data.get("weight_g_idx"))
+            zp = self._unpack(zp, n_out, 0, layout) - self.offset
+        w = dequantize_values(q, qt.data["weight_scale"], zp, self.args, qt.data.get("weight_g_idx"),
+                              offset=self.offset)
         return w.to(dtype)
 
     def encode(self, qt: QTensor) -> dict[str, torch.Tensor]:

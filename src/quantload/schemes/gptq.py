@@ -88,13 +88,16 @@ class GPTQScheme(Scheme):
                      why=f"{n_groups} groups of {gs} inputs x {n_out} outputs")
         expect_shape(qzeros, (n_groups, packed_len(n_out, self.bits)), "qzeros", **kw,
                      why=f"{n_groups} groups x {n_out} outputs packed at {self.bits} bits")
+        contiguous = g_idx is None
         if g_idx is not None:
             check_group_index(g_idx, n_in, n_groups, "g_idx", **kw)
+            # most checkpoints store the trivial i // group_size (no desc_act): dequantize by reshaping
+            contiguous = bool(torch.equal(g_idx.long(), torch.arange(n_in, device=g_idx.device) // gs))
         warnings = self._check_zeros(unpack_stream(qzeros, self.bits, n_out, dim=1), file, prefix)
         data = {"qweight": qweight, "qzeros": qzeros, "scales": scales}
         if g_idx is not None:
             data["g_idx"] = g_idx
-        meta = {"group_size": gs, "warnings": warnings}
+        meta = {"group_size": gs, "contiguous_groups": contiguous, "warnings": warnings}
         return QTensor(self, data, (n_out, n_in), scales.dtype, meta)
 
     def _check_zeros(self, fields: torch.Tensor, file, prefix) -> list[str]:
@@ -125,22 +128,21 @@ class GPTQScheme(Scheme):
     def dequantize(self, qt: QTensor, dtype: torch.dtype) -> torch.Tensor:
         n_out, n_in = qt.shape
         scales = qt.data["scales"]
-        q = unpack_stream(qt.data["qweight"], self.bits, n_in, dim=0)          # [I, O]
+        dt = scales.dtype
+        gs = qt.meta["group_size"]
+        q = unpack_stream(qt.data["qweight"], self.bits, n_in, dim=0, dtype=torch.uint8)   # [I, O]
         z = unpack_stream(qt.data["qzeros"], self.bits, n_out, dim=1)          # [ng, O]
         if self.v1:
             z = z + 1
-        g_idx = qt.data.get("g_idx")
-        if g_idx is not None:
-            g = g_idx.long()
-            z, s = z[g], scales[g]
+        # AutoGPTQ's math: scales * (q - z), the difference an exact integer (also in the scales' dtype:
+        # every code and zero-point is at most 256), one multiply in the scales' dtype
+        if qt.meta["contiguous_groups"] and n_in % gs == 0:
+            w = (q.view(-1, gs, n_out).to(dt) - z.to(dt).unsqueeze(1)) * scales.unsqueeze(1)
         else:
-            gs = qt.meta["group_size"]
-            z = z.repeat_interleave(gs, 0)[:n_in]
-            s = scales.repeat_interleave(gs, 0)[:n_in]
-        # the tools' own math: integer difference, then one multiply in the scales' dtype
-        w = s * (q - z).to(scales.dtype)
+            g = qt.data["g_idx"].long() if "g_idx" in qt.data else torch.arange(n_in, device=q.device) // gs
+            w = (q.to(dt) - z.to(dt)[g]) * scales[g]
         # a contiguous [O, I] weight, so a matmul on it rounds the same as on any other weight
-        return w.t().to(dtype).contiguous()
+        return w.reshape(n_in, n_out).t().to(dtype).contiguous()
 
     def encode(self, qt: QTensor) -> dict[str, torch.Tensor]:
         return dict(qt.data)
