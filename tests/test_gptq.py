@@ -267,3 +267,8 @@ def test_format_the_tensors_contradict(fixtures_dir):
     with pytest.raises(ConfigError, match=r"every stored zero-point field is 7, which is the gptq \(v1\) layout") as e:
         _decode(v2, _pieces(sd))
     assert e.value.key == "model.layers.0.mlp.up_proj.qzeros"
+
+
+def test_runtime_quantization_to_gptq_is_refused():
+    with pytest.raises(UnsupportedError, match="GPTQ needs calibration data"):
+        GPTQScheme(4, 128).quantize(torch.randn(8, 128))

@@ -168,3 +168,10 @@ def test_quanto_qmap_overrides_per_module():
     assert spec.scheme_for("model.layers.0.mlp.down_proj", None).qtype == "qint8"
     assert spec.scheme_for("lm_head", None) is None
     assert "quanto_qmap" not in spec.to_dict()
+
+
+def test_runtime_quantization_to_hqq_or_quanto_is_refused():
+    with pytest.raises(UnsupportedError, match="quantize='int4'"):
+        HQQScheme().quantize(torch.randn(8, 64))
+    with pytest.raises(UnsupportedError, match="optimum-quanto layers are read"):
+        QuantoScheme("int4").quantize(torch.randn(8, 64))

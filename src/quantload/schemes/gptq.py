@@ -147,6 +147,10 @@ class GPTQScheme(Scheme):
     def encode(self, qt: QTensor) -> dict[str, torch.Tensor]:
         return dict(qt.data)
 
+    def quantize(self, w: torch.Tensor) -> QTensor:
+        raise UnsupportedError(f"runtime quantization to {self.name} is not supported (GPTQ needs calibration data); use "
+                               "quantize='int4' or another compressed-tensors spec")
+
     def nbytes_for(self, shape, dtype) -> int:
         n_out, n_in = shape
         gs = n_in if self.group_size == -1 else self.group_size

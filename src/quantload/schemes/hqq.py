@@ -160,6 +160,10 @@ class HQQScheme(Scheme):
         out.update({k: _encode_meta(m[k]) for k in m["keys"]})
         return out
 
+    def quantize(self, w: torch.Tensor) -> QTensor:
+        raise UnsupportedError(f"runtime quantization to {self.name} is not supported (HQQ layers are read, not written); use "
+                               "quantize='int4' or another compressed-tensors spec")
+
     def nbytes_for(self, shape, dtype) -> int:
         numel = shape[0] * shape[1]
         gs = self.group_size or shape[1]

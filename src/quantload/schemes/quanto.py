@@ -140,6 +140,10 @@ class QuantoScheme(Scheme):
     def encode(self, qt: QTensor) -> dict[str, torch.Tensor]:
         return dict(qt.data)
 
+    def quantize(self, w: torch.Tensor) -> QTensor:
+        raise UnsupportedError(f"runtime quantization to {self.name} is not supported (optimum-quanto layers are read, not written); use "
+                               "quantize='int4' or another compressed-tensors spec")
+
     def nbytes_for(self, shape, dtype) -> int:
         n_out, n_in = shape
         isz = torch.finfo(dtype).bits // 8
