@@ -25,16 +25,23 @@ def checkpoint_spec(path: str, config) -> QuantSpec | None:
     qc = getattr(config, "quantization_config", None) if config is not None else None
     d = path if os.path.isdir(path) else os.path.dirname(os.path.abspath(path))
     file = os.path.join(d, "config.json")
-    if qc is None:
-        qfile = os.path.join(d, "quantize_config.json")
-        if os.path.exists(qfile):
-            file = qfile
-            try:
-                with open(qfile) as f:
-                    qc = json.load(f)
-            except (OSError, ValueError) as e:
-                raise ConfigError(f"cannot parse: {e}", file=qfile) from e
-            qc.setdefault("quant_method", "gptq")
+    # older exports keep the config beside the weights: GPTQ quantize_config.json, AutoAWQ
+    # quant_config.json, optimum-quanto quanto_qmap.json
+    for fname, method in (("quantize_config.json", "gptq"), ("quant_config.json", "awq"),
+                          ("quanto_qmap.json", "quanto")):
+        qfile = os.path.join(d, fname)
+        if qc is not None or not os.path.exists(qfile):
+            continue
+        file = qfile
+        try:
+            with open(qfile) as f:
+                loaded = json.load(f)
+        except (OSError, ValueError) as e:
+            raise ConfigError(f"cannot parse: {e}", file=qfile) from e
+        if not isinstance(loaded, dict):
+            raise ConfigError(f"expected a JSON object, found {type(loaded).__name__}", file=qfile)
+        qc = {"quant_method": method, "quanto_qmap": loaded} if method == "quanto" else loaded
+        qc.setdefault("quant_method", method)
     if qc is None:
         return None
     if hasattr(qc, "to_dict"):
@@ -198,6 +205,10 @@ def read_state_dict(path, *, quantization_config=None) -> dict:
             if any(k in used for k in full):
                 continue
             pieces = {s: source.get(k) for s, k in zip(wanted, full)}
+            # some schemes read a neighbour to know the logical shape without a model (quanto: bias)
+            for s in getattr(scheme, "shape_hint_keys", ()):
+                if s in by_module[prefix] and s not in pieces:
+                    pieces[s] = source.get(f"{prefix}.{s}")
             out[f"{prefix}.{scheme.param_name}"] = scheme.decode(pieces, shape=None,
                                                                  file=source.info(full[0]).file, prefix=prefix)
             used.update(full)

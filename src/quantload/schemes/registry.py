@@ -29,7 +29,7 @@ def spec_from_dict(d: dict, *, file: str | None = None):
         method = "bitsandbytes"
     if method is None:
         raise ConfigError(f"quantization_config has no 'quant_method' (keys: {sorted(d)})", file=file)
-    method = str(method).lower()
+    method = str(getattr(method, "value", method)).lower()  # transformers passes a QuantizationMethod enum
     if method not in _PARSERS:
         raise UnsupportedError(
             f"quant_method {method!r} is not supported; supported: {sorted(_PARSERS)}", file=file)
