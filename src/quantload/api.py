@@ -58,22 +58,39 @@ def _progress(desc: str, enabled: bool):
     return lambda total: tqdm(total=total, desc=desc, unit="tensor", delay=1.0, leave=False)
 
 
-def _device_resolver(model, device_map, max_memory, offload_folder, sizes):
-    """device_of(param_name) for the requested placement."""
+_MODES = ("auto", "balanced", "balanced_low_0", "sequential")
+
+
+def _placement(model, device_map, max_memory, offload_folder):
+    """(device_of(name) -> device string, plan or None, offloader or None) for the requested placement."""
     if device_map is None:
         device_map = "cpu"
-    if isinstance(device_map, (torch.device, int)) or (isinstance(device_map, str) and device_map not in
-                                                         ("auto", "balanced", "balanced_low_0", "sequential")):
+    single = isinstance(device_map, (torch.device, int)) or (
+        isinstance(device_map, str) and device_map not in _MODES and device_map != "disk")
+    if single and max_memory is None:
         dev = torch.device(device_map if not isinstance(device_map, int) else f"cuda:{device_map}")
         if dev.type == "cuda" and (not torch.cuda.is_available() or (dev.index or 0) >= torch.cuda.device_count()):
             raise ConfigError(f"device_map={device_map!r}: no such device (CUDA available: "
                               f"{torch.cuda.is_available()}, devices: {torch.cuda.device_count()})")
-        return (lambda name: dev), None
-    from .placement import plan_placement
+        name = str(dev)
+        return (lambda _: name), None, None
+    from .placement import plan_placement, tensor_sizes
+    from .runtime.offload import Offloader
+    sizes = tensor_sizes(model)
     plan = plan_placement(model, sizes, device_map, max_memory,
                           no_split_module_classes=getattr(model, "_no_split_modules", None),
-                          offload_folder=offload_folder)
-    return plan.device_of, plan
+                          tied_groups=_tied_groups(model, sizes), offload_folder=offload_folder,
+                          config=getattr(model, "config", None))
+    compute = next((d for d in plan.device_map.values() if d.startswith(("cuda", "mps"))), "cpu")
+    offloader = Offloader(plan, torch.device(compute), offload_folder)
+    if not any(offloader.is_offloaded(d) for d in plan.device_map.values()):
+        offloader = None
+    return plan.device_of, plan, offloader
+
+
+def _tied_groups(model, sizes) -> list[list[str]]:
+    from .finalize import tied_pairs
+    return [[a, b] for a, b in tied_pairs(model) if a in sizes and b in sizes]
 
 
 def load(path, *, quantize=None, dtype=None, device_map="cpu", max_memory=None, offload_folder=None,
@@ -144,34 +161,19 @@ def _load_checkpoint(source, path, report, t0, *, quantize, dtype, device_map, m
         return scheme
 
     replace_modules(model, choose, dtype)
-    sizes = _param_sizes(model)
-    device_of, plan = _device_resolver(model, device_map, max_memory, offload_folder, sizes)
+    device_of, plan, offloader = _placement(model, device_map, max_memory, offload_folder)
     report.seconds["prepare"] = time.perf_counter() - t1
 
     load_weights(model, weights, dtype=dtype, device_of=device_of, report=report,
-                 progress=_progress("loading", progress))
+                 progress=_progress("loading", progress), offloader=offloader)
     report.tensors_read, report.bytes_read = weights.tensors_read, weights.bytes_read
     t2 = time.perf_counter()
-    finalize(model, spec=spec, report=report, weights=weights, file=path, ignorable_unexpected=_IGNORABLE)
+    finalize(model, spec=spec, report=report, weights=weights, file=path, ignorable_unexpected=_IGNORABLE,
+             offloader=offloader)
     if plan is not None:
         model.device_plan = plan
     report.seconds["finalize"] = time.perf_counter() - t2
     return model
-
-
-def _param_sizes(model: nn.Module) -> dict[str, int]:
-    """Bytes each parameter will occupy once loaded: the scheme's quantized size for QLinear weights."""
-    from .runtime.modules import qtensors_of
-    sizes = {}
-    for name, mod in qtensors_of(model):
-        w = f"{name}.{mod.scheme.param_name}"
-        try:
-            sizes[w] = mod.scheme.nbytes_for(tuple(mod._logical_shape), mod._logical_dtype)
-        except NotImplementedError:
-            sizes[w] = mod._logical_shape.numel() * mod._logical_dtype.itemsize
-    for name, p in model.named_parameters():
-        sizes.setdefault(name, p.numel() * p.element_size())
-    return sizes
 
 
 def read_state_dict(path, *, quantization_config=None) -> dict:

@@ -65,6 +65,7 @@ class CheckpointWeights(Weights):
         self.key_of = KeyMap(model_names, self.keys, base_prefix)
         self.used: set[str] = set()
         self.companions = 0
+        self.recent = []
         self.tensors_read = 0
         self.bytes_read = 0
 
@@ -76,6 +77,8 @@ class CheckpointWeights(Weights):
 
     def _read(self, key: str) -> torch.Tensor:
         t = self.source.get(key)
+        info = self.source.info(key)
+        self._remember(t, info.file, info.offset)
         self.used.add(key)
         self.tensors_read += 1
         self.bytes_read += t.numel() * t.element_size()

@@ -36,6 +36,24 @@ class Weights:
     def release(self, name: str) -> None:
         """`name` was consumed into a new tensor (quantized, cast): its source bytes may leave memory."""
 
+    #: (data_ptr, nbytes, file, file offset) of the source tensors read for the current parameter
+    recent: list = []
+
+    def _remember(self, t: torch.Tensor, file: str, offset: int) -> None:
+        if offset >= 0:
+            self.recent.append((t.data_ptr(), t.numel() * t.element_size(), file, offset))
+
+    def locate(self, t: torch.Tensor):
+        """Where `t`'s bytes lie unchanged in a checkpoint file (a TensorRef), or None."""
+        from .runtime.offload import TensorRef
+        if t.device.type != "cpu" or not t.is_contiguous():
+            return None
+        p, n = t.data_ptr(), t.numel() * t.element_size()
+        for ptr, size, file, offset in self.recent:
+            if ptr <= p and p + n <= ptr + size:
+                return TensorRef(file, offset + (p - ptr), t.dtype, tuple(t.shape))
+        return None
+
     def unconsumed(self) -> list[str]:
         return []
 
@@ -44,9 +62,12 @@ class Weights:
 
 
 def load_weights(model: nn.Module, weights: Weights, *, dtype: torch.dtype,
-                 device_of: Callable[[str], torch.device | str], report: LoadReport, progress=None) -> None:
+                 device_of: Callable[[str], torch.device | str], report: LoadReport, progress=None,
+                 offloader=None) -> None:
     """Fill every meta parameter of `model` from `weights`. Raises before returning if anything the
-    model needs is missing or mismatched: the caller never sees a half-loaded model."""
+    model needs is missing or mismatched: the caller never sees a half-loaded model.
+    With an `offloader`, tensors placed on "disk" (or on "cpu" while computing on a GPU) go to it and
+    the module keeps meta placeholders until its forward."""
     qmods = dict(qtensors_of(model))
     total = len(qmods) + sum(1 for _ in model.named_parameters())
     bar = progress(total) if progress else None
@@ -54,7 +75,10 @@ def load_weights(model: nn.Module, weights: Weights, *, dtype: torch.dtype,
 
     for name, mod in qmods.items():
         wname = f"{name}.{mod.scheme.param_name}" if name else mod.scheme.param_name
-        dev = torch.device(device_of(wname))
+        where = str(device_of(wname))
+        off = offloader is not None and offloader.is_offloaded(where)
+        dev = torch.device("cpu" if off else where)
+        weights.recent = []
         qt = weights.qtensor(name, mod)
         if qt is None:
             w = weights.tensor(wname)
@@ -72,11 +96,15 @@ def load_weights(model: nn.Module, weights: Weights, *, dtype: torch.dtype,
             weights.release(wname)
         # sources are copy-on-write memory maps that stay valid after close: a CPU weight may keep
         # viewing the file's bytes (zero copy, like llama.cpp), anything else moves to its device
-        qt = QTensor(qt.scheme, {k: v.to(dev) for k, v in qt.data.items()}, qt.shape, qt.dtype, qt.meta)
-        qt = qt.scheme.prepare_runtime(qt)
         for w in qt.meta.get("warnings", ()):
             report.warnings.append(f"{name}: {w}")
-        mod.set_qweight(qt)
+        if off:
+            mod.set_qweight(offloader.stash_qtensor(name, qt, where, {k: weights.locate(v)
+                                                                      for k, v in qt.data.items()}))
+        else:
+            qt = QTensor(qt.scheme, {k: v.to(dev) for k, v in qt.data.items()}, qt.shape, qt.dtype, qt.meta)
+            mod.set_qweight(qt.scheme.prepare_runtime(qt))
+        weights.recent = []
         if bar:
             bar.update(1)
 
@@ -85,6 +113,7 @@ def load_weights(model: nn.Module, weights: Weights, *, dtype: torch.dtype,
             if bar:
                 bar.update(1)
             continue
+        weights.recent = []
         t = weights.tensor(pname)
         if t is None:
             report.missing_keys.append(pname)
@@ -92,13 +121,19 @@ def load_weights(model: nn.Module, weights: Weights, *, dtype: torch.dtype,
         if tuple(t.shape) != tuple(p.shape):
             report.mismatched_keys.append(f"{pname}: checkpoint {tuple(t.shape)}, model {tuple(p.shape)}")
             continue
-        dev = torch.device(device_of(pname))
+        where = str(device_of(pname))
+        off = offloader is not None and offloader.is_offloaded(where)
         target = p.dtype if p.is_floating_point() else t.dtype
-        converted = t.to(device=dev, dtype=target)
-        if converted.data_ptr() != t.data_ptr():
+        converted = t.to(device="cpu" if off else torch.device(where), dtype=target)
+        unchanged = converted.data_ptr() == t.data_ptr()
+        if off:
+            _assign(model, pname, offloader.stash_param(pname, converted, where,
+                                                        weights.locate(converted) if unchanged else None))
+        else:
+            _assign(model, pname, nn.Parameter(converted, requires_grad=False))
+        if not unchanged or off:
             weights.release(pname)
-        t = converted
-        _assign(model, pname, nn.Parameter(t, requires_grad=False))
+        weights.recent = []
         if bar:
             bar.update(1)
 

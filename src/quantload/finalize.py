@@ -64,15 +64,21 @@ def tie_weights(model: nn.Module, report: LoadReport) -> None:
 
 
 def finalize(model: nn.Module, *, spec, report: LoadReport, weights, file: str,
-             ignorable_unexpected=()) -> nn.Module:
+             ignorable_unexpected=(), offloader=None) -> nn.Module:
     tie_weights(model, report)
     raise_if_incomplete(report, file)
+    offloaded = offloader.offloaded_names() if offloader is not None else set()
     for name, p in model.named_parameters():
-        if p.is_meta:
+        if p.is_meta and name.rpartition(".")[0] not in offloaded:
             raise MissingTensorError("parameter still on the meta device after loading", file=file, key=name)
     for name, mod in qtensors_of(model):
+        if name in offloaded:
+            continue
         if mod.qweight is None or mod.qweight.is_meta:
             raise MissingTensorError("quantized weight was never loaded", file=file, key=name + ".weight")
+    if offloader is not None:
+        offloader.attach(model)
+        model.offloader = offloader
     model.eval()
     for p in model.parameters():
         p.requires_grad_(False)
@@ -84,17 +90,20 @@ def finalize(model: nn.Module, *, spec, report: LoadReport, weights, file: str,
     seen, total, devices, counts = set(), 0, {}, {}
     for name, mod in qtensors_of(model):
         counts[mod.scheme.name] = counts.get(mod.scheme.name, 0) + 1
-        if id(mod.qweight.data) in seen:
+        if id(mod.qweight.data) in seen or mod.qweight.is_meta:
             continue
         seen.add(id(mod.qweight.data))
         d = str(mod.qweight.device)
         devices[d] = devices.get(d, 0) + mod.qweight.nbytes
     for t in list(model.parameters()) + list(model.buffers()):
-        if id(t) in seen:
+        if id(t) in seen or t.is_meta:
             continue
         seen.add(id(t))
         d = str(t.device)
         devices[d] = devices.get(d, 0) + t.numel() * t.element_size()
+    if offloader is not None:
+        for d, b in offloader.bytes_by_device().items():
+            devices[d] = devices.get(d, 0) + b
     report.model_bytes = sum(devices.values())
     report.devices = devices
     report.quantized_modules = counts

@@ -28,9 +28,12 @@ class GGUFWeights(Weights):
         self.used: set[str] = set()
         self.tensors_read = 0
         self.bytes_read = 0
+        self.recent = []
 
     def _raw(self, gguf_name: str) -> torch.Tensor:
         t = self.source.get(gguf_name)
+        info = self.source.info(gguf_name)
+        self._remember(t, info.file, info.offset)
         self.used.add(gguf_name)
         self.tensors_read += 1
         self.bytes_read += t.numel()
@@ -62,6 +65,7 @@ class GGUFWeights(Weights):
         info = self.source.info(ref.gguf_name)
         if info.ggml_type in _FLOAT_TYPES or GGML_TYPES[info.ggml_type].block_size == 1:
             t = self.source.get_typed(ref.gguf_name)
+            self._remember(t, info.file, info.offset)
             self.used.add(ref.gguf_name)
             self.tensors_read += 1
             self.bytes_read += info.nbytes
@@ -87,7 +91,7 @@ def model_map_of(source):
 
 def load_gguf(source, *, report: LoadReport, t0: float, quantize, dtype, device_map, max_memory, offload_folder,
               dequantize: bool, progress: bool) -> nn.Module:
-    from .api import _device_resolver, _param_sizes, _progress
+    from .api import _placement, _progress
     from .finalize import finalize
     from .prepare import build_skeleton, replace_modules
     from .schemes.gguf import gguf_scheme
@@ -118,15 +122,15 @@ def load_gguf(source, *, report: LoadReport, t0: float, quantize, dtype, device_
         return gguf_scheme(type_id)
 
     replace_modules(model, choose, dtype)
-    device_of, plan = _device_resolver(model, device_map, max_memory, offload_folder, _param_sizes(model))
+    device_of, plan, offloader = _placement(model, device_map, max_memory, offload_folder)
     report.seconds["prepare"] = time.perf_counter() - t1
 
     weights = GGUFWeights(source, mm, dtype)
     load_weights(model, weights, dtype=dtype, device_of=device_of, report=report,
-                 progress=_progress("loading", progress))
+                 progress=_progress("loading", progress), offloader=offloader)
     report.tensors_read, report.bytes_read = weights.tensors_read, weights.bytes_read
     t2 = time.perf_counter()
-    finalize(model, spec=spec, report=report, weights=weights, file=source.path)
+    finalize(model, spec=spec, report=report, weights=weights, file=source.path, offloader=offloader)
     if plan is not None:
         model.device_plan = plan
     model.gguf_fields = source.fields

@@ -105,9 +105,9 @@ def plan_checkpoint(path: str, *, quantize, dtype, device_map, max_memory, offlo
     """Prepare the skeleton exactly as load does (meta device, quantized modules), then plan placement."""
     import torch
 
-    from .api import _param_sizes, checkpoint_spec
+    from .api import _tied_groups, checkpoint_spec
     from .config import parse_dtype, resolve_quantize
-    from .placement import plan_placement
+    from .placement import plan_placement, tensor_sizes
     from .prepare import build_skeleton, read_config_dir, replace_modules
     source = open_source(path)
     try:
@@ -145,6 +145,8 @@ def plan_checkpoint(path: str, *, quantize, dtype, device_map, max_memory, offlo
             replace_modules(model, choose, dtype)
     finally:
         source.close()
-    return plan_placement(model, _param_sizes(model), device_map, max_memory,
+    sizes = tensor_sizes(model)
+    return plan_placement(model, sizes, device_map, max_memory,
                           no_split_module_classes=getattr(model, "_no_split_modules", None),
-                          offload_folder=offload_folder)
+                          tied_groups=_tied_groups(model, sizes), offload_folder=offload_folder,
+                          config=getattr(model, "config", None))

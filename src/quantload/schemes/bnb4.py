@@ -22,6 +22,7 @@ from __future__ import annotations
 import functools
 import json
 import math
+import sys
 from importlib import resources
 
 import numpy as np
@@ -82,7 +83,8 @@ def dynamic_map() -> torch.Tensor:
 
 # --- lookup tables (built once per quant type and device) -----------------------------------------
 class _Tables:
-    """pair_lut[byte] = (table[byte >> 4], table[byte & 15]): dequantizes one byte in one gather.
+    """pair_lut[byte] = (table[byte >> 4], table[byte & 15]); nibbles[byte] = the same two codes as
+    two int32 in one int64 (dequantization).
 
     Quantizing: a float32 s is first located by its top 16 bits p (a run of 65536 adjacent floats). The
     codes are so far apart that each run holds at most one decision threshold, so the exact code is
@@ -92,7 +94,11 @@ class _Tables:
     def __init__(self, quant_type: str, device: torch.device):
         table = code_table(quant_type)
         byte = torch.arange(256)
+        self.table = table.to(device)
         self.pair_lut = torch.stack([table[byte >> 4], table[byte & 15]], 1).contiguous().to(device)
+        # byte -> the int32 pair (high code, low code) as one int64, in memory order
+        first, second = (0, 32) if sys.byteorder == "little" else (32, 0)
+        self.nibbles = ((byte >> 4) << first | (byte & 15) << second).to(device)
         order = torch.tensor(_BUCKET_TO_CODE[quant_type])
         ascending = table[order]
         midpoints = (ascending[:-1] + ascending[1:]) / 2          # float32, as bnb computes them
@@ -138,13 +144,33 @@ def _block_absmax(blocks: torch.Tensor) -> torch.Tensor:
     return (blocks.view(torch.int16) & 0x7FFF).amax(1).view(blocks.dtype).float()
 
 
-def _pack_codes_into(scaled: torch.Tensor, t: _Tables, out: torch.Tensor) -> None:
-    """Exact nearest 4-bit code of each float32 in `scaled` (even length), packed high nibble first."""
-    run = scaled.view(torch.int32) >> 16
-    run &= 0xFFFF
-    above = torch.gt(scaled, t.threshold.index_select(0, run))
-    slot = run.mul_(2).add_(above)
-    torch.bitwise_or(t.code_of_high.index_select(0, slot[0::2]), t.code_of.index_select(0, slot[1::2]), out=out)
+class _CodeScratch:
+    """Work buffers for `_pack_codes_into`, allocated once per call and reused by every chunk: fresh
+    multi-megabyte temporaries per chunk cost more (page faults) than the arithmetic."""
+
+    def __init__(self, elements: int, device):
+        self.scaled = torch.empty(elements, dtype=torch.float32, device=device)
+        self.run = torch.empty(elements, dtype=torch.int32, device=device)
+        self.threshold = torch.empty(elements, dtype=torch.float32, device=device)
+        self.above = torch.empty(elements, dtype=torch.bool, device=device)
+        self.high = torch.empty(elements // 2, dtype=torch.uint8, device=device)
+        self.low = torch.empty(elements // 2, dtype=torch.uint8, device=device)
+
+
+def _pack_codes_into(scaled: torch.Tensor, t: _Tables, out: torch.Tensor, buf: _CodeScratch) -> None:
+    """Exact nearest 4-bit code of each float32 in `scaled`, packed into `out`. `scaled` holds the
+    even-indexed elements in its first half and the odd-indexed ones in its second half (high and low
+    nibbles), so every gather below reads a contiguous index."""
+    m = scaled.numel()
+    run, threshold, above = buf.run[:m], buf.threshold[:m], buf.above[:m]
+    torch.bitwise_right_shift(scaled.view(torch.int32), 16, out=run)
+    run.bitwise_and_(0xFFFF)
+    torch.index_select(t.threshold, 0, run, out=threshold)
+    torch.gt(scaled, threshold, out=above)
+    slot = torch.add(above, run, alpha=2, out=run)
+    high = torch.index_select(t.code_of_high, 0, slot[: m // 2], out=buf.high[: m // 2])
+    low = torch.index_select(t.code_of, 0, slot[m // 2:], out=buf.low[: m // 2])
+    torch.bitwise_or(high, low, out=out)
 
 
 def quantize_4bit(x: torch.Tensor, blocksize: int, quant_type: str) -> tuple[torch.Tensor, torch.Tensor]:
@@ -161,38 +187,57 @@ def quantize_4bit(x: torch.Tensor, blocksize: int, quant_type: str) -> tuple[tor
     packed = torch.empty((n + 1) // 2, dtype=torch.uint8, device=x.device)
     absmax = torch.empty(-(-n // blocksize), dtype=torch.float32, device=x.device)
     step = _chunk_elements(flat, full, blocksize)
+    buf = _CodeScratch(max(min(step, full), blocksize + 1), x.device)
+    half = blocksize // 2
     for start in range(0, full, step):
         stop = min(start + step, full)
-        blocks = flat[start:stop].view(-1, blocksize)
-        am = _block_absmax(blocks)
+        k = (stop - start) // blocksize
+        pairs = flat[start:stop].view(k, half, 2)
+        am = _block_absmax(pairs.view(k, blocksize))
         absmax[start // blocksize: stop // blocksize] = am
-        scaled = blocks * (1.0 / am.clamp(min=1e-38)).unsqueeze(1)
-        _pack_codes_into(scaled.view(-1), t, packed[start // 2: stop // 2])
+        recip = (1.0 / am.clamp(min=1e-38)).unsqueeze(1)
+        scaled = buf.scaled[: stop - start]
+        torch.mul(pairs[:, :, 0], recip, out=scaled[: k * half].view(k, half))   # even elements
+        torch.mul(pairs[:, :, 1], recip, out=scaled[k * half:].view(k, half))   # odd elements
+        _pack_codes_into(scaled, t, packed[start // 2: stop // 2], buf)
     if full < n:
         tail = flat[full:].float()
         am = tail.abs().max().clamp(min=1e-38)
         absmax[n_full] = am
         scaled = F.pad(tail / am, (0, (n - full) % 2))
-        _pack_codes_into(scaled, t, packed[full // 2:])
+        _pack_codes_into(scaled.view(-1, 2).t().contiguous().view(-1), t, packed[full // 2:], buf)
     return packed, absmax
 
 
 def dequantize_4bit(packed: torch.Tensor, absmax: torch.Tensor, n: int, blocksize: int, quant_type: str,
                     dtype: torch.dtype) -> torch.Tensor:
     """Flat [n] tensor of `dtype`: table[code] * absmax[block] in float32, rounded once to dtype (the
-    C++ and torch kernels of bnb do exactly this)."""
-    lut = _tables(quant_type, packed.device).pair_lut
+    C++ and torch kernels of bnb do exactly this).
+
+    Each block's 16 possible outputs are computed once (table * absmax, rounded to dtype: the same
+    bits as rounding each product), then every element is one gather from its block's row: the bytes
+    become interleaved int32 codes through a byte -> (high, low) int64 table, plus 16 * block."""
+    t = _tables(quant_type, packed.device)
     out = torch.empty(n, dtype=dtype, device=packed.device)
     n_full = n // blocksize
     full = n_full * blocksize
     step = _chunk_elements(packed, full, blocksize)
+    chunk = min(step, full)
+    byte = torch.empty(chunk // 2, dtype=torch.int32, device=packed.device)
+    index = torch.empty(chunk, dtype=torch.int32, device=packed.device)
+    rows = torch.empty(chunk // blocksize, 16, dtype=dtype, device=packed.device)
+    row_start = torch.arange(0, 16 * (chunk // blocksize), 16, dtype=torch.int32, device=packed.device).unsqueeze(1)
     for start in range(0, full, step):
         stop = min(start + step, full)
-        pairs = lut.index_select(0, packed[start // 2: stop // 2].to(torch.int32))
-        torch.mul(pairs.view(-1, blocksize), absmax[start // blocksize: stop // blocksize].unsqueeze(1),
-                  out=out[start:stop].view(-1, blocksize))
+        k = (stop - start) // blocksize
+        b, idx, r = byte[: (stop - start) // 2], index[: stop - start], rows[:k]
+        b.copy_(packed[start // 2: stop // 2])
+        torch.index_select(t.nibbles, 0, b, out=idx.view(torch.int64))
+        idx.view(k, blocksize).add_(row_start[:k])
+        torch.mul(t.table, absmax[start // blocksize: stop // blocksize].unsqueeze(1), out=r)
+        torch.index_select(r.view(-1), 0, idx, out=out[start:stop])
     if full < n:
-        tail = lut.index_select(0, packed[full // 2:].to(torch.int32)).view(-1)[: n - full]
+        tail = t.pair_lut.index_select(0, packed[full // 2:].to(torch.int32)).view(-1)[: n - full]
         torch.mul(tail, absmax[n_full], out=out[full:])
     return out
 
