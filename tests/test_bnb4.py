@@ -182,6 +182,21 @@ def test_codes_exact_near_every_threshold():
         assert torch.equal(Bnb4Scheme(qt).quantize(vals).data["codes"], q.view(-1))
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_non_finite_weights_quantize_as_bnb(dtype):
+    """inf and NaN in full and partial blocks: same codes and absmax as bnb (NaN payloads aside: torch's
+    own float16 -> float32 casts disagree on them)."""
+    w = torch.randn(3, 50).to(dtype)
+    flat = w.view(-1)
+    flat[3], flat[70], flat[140], flat[145] = float("inf"), float("nan"), -float("inf"), float("nan")
+    for qt in ("nf4", "fp4"):
+        q, state = BF.quantize_4bit(w, blocksize=64, quant_type=qt)
+        ours = Bnb4Scheme(qt).quantize(w)
+        assert torch.equal(ours.data["codes"], q.view(-1))
+        torch.testing.assert_close(ours.data["absmax"], state.absmax, rtol=0, atol=0, equal_nan=True)
+        assert ours.data["absmax"].isnan().tolist() == [False, True, True]
+
+
 @pytest.mark.parametrize("x_dtype,compute", [(torch.float32, None), (torch.bfloat16, None), (torch.float16, None),
                                              (torch.float16, torch.float32), (torch.bfloat16, torch.float16),
                                              (torch.float16, torch.bfloat16)])

@@ -87,8 +87,11 @@ class _Tables:
     two int32 in one int64 (dequantization).
 
     Quantizing: a float32 s is first located by its top 16 bits p (a run of 65536 adjacent floats). The
-    codes are so far apart that each run holds at most one decision threshold, so the exact code is
-    code_of[2p + (s > threshold[p])] (threshold +inf where the run holds none). This is bnb's
+    codes are so far apart that each run holds at most one decision threshold t_p (+inf where none), so
+    the exact code is code_of[2p + (s > t_p)]. (s > t_p) is read off the sign bit of t_p - s: float
+    comparisons are several times slower than a subtraction in torch on CPU, and t_p - s is negative
+    exactly when s > t_p (+0 when equal). Where a run holds no threshold both slots hold the same code,
+    so NaN differences cannot matter. Tables are indexed by 2p (threshold[2p] = t_p). This is bnb's
     `bucketize(s, midpoints)` bit for bit, NaN and +-inf included, without a binary search."""
 
     def __init__(self, quant_type: str, device: torch.device):
@@ -112,9 +115,10 @@ class _Tables:
         if int((b_hi - b_lo).max()) > 1:
             raise AssertionError("a 16-bit float run spans two quantization thresholds")
         crosses = b_hi > b_lo
-        self.threshold = torch.where(crosses, midpoints[b_lo.clamp(max=14)],
-                                     torch.tensor(float("inf"))).contiguous().to(device)
-        code_of = torch.stack([order[b_lo], order[(b_lo + 1).clamp(max=15)]], 1).reshape(-1).to(torch.uint8)
+        threshold = torch.where(crosses, midpoints[b_lo.clamp(max=14)], torch.tensor(float("inf")))
+        self.threshold = threshold.repeat_interleave(2).contiguous().to(device)
+        above = torch.where(crosses, b_lo + 1, b_lo)
+        code_of = torch.stack([order[b_lo], order[above]], 1).reshape(-1).to(torch.uint8)
         self.code_of = code_of.to(device)
         self.code_of_high = (code_of << 4).to(device)   # the same, pre-shifted into the high nibble
 
@@ -149,10 +153,10 @@ class _CodeScratch:
     multi-megabyte temporaries per chunk cost more (page faults) than the arithmetic."""
 
     def __init__(self, elements: int, device):
+        self.upcast = torch.empty(elements, dtype=torch.float32, device=device)
         self.scaled = torch.empty(elements, dtype=torch.float32, device=device)
         self.run = torch.empty(elements, dtype=torch.int32, device=device)
         self.threshold = torch.empty(elements, dtype=torch.float32, device=device)
-        self.above = torch.empty(elements, dtype=torch.bool, device=device)
         self.high = torch.empty(elements // 2, dtype=torch.uint8, device=device)
         self.low = torch.empty(elements // 2, dtype=torch.uint8, device=device)
 
@@ -162,12 +166,13 @@ def _pack_codes_into(scaled: torch.Tensor, t: _Tables, out: torch.Tensor, buf: _
     even-indexed elements in its first half and the odd-indexed ones in its second half (high and low
     nibbles), so every gather below reads a contiguous index."""
     m = scaled.numel()
-    run, threshold, above = buf.run[:m], buf.threshold[:m], buf.above[:m]
-    torch.bitwise_right_shift(scaled.view(torch.int32), 16, out=run)
-    run.bitwise_and_(0xFFFF)
-    torch.index_select(t.threshold, 0, run, out=threshold)
-    torch.gt(scaled, threshold, out=above)
-    slot = torch.add(above, run, alpha=2, out=run)
+    slot, diff = buf.run[:m], buf.threshold[:m]
+    torch.bitwise_right_shift(scaled.view(torch.int32), 15, out=slot)
+    slot.bitwise_and_(0x1FFFE)                                   # 2p
+    torch.index_select(t.threshold, 0, slot, out=diff)
+    diff.sub_(scaled)                                            # t_p - s < 0  <=>  s > t_p
+    sign = diff.view(torch.int32).bitwise_right_shift_(31)       # -1 where s > t_p, else 0
+    slot.sub_(sign)
     high = torch.index_select(t.code_of_high, 0, slot[: m // 2], out=buf.high[: m // 2])
     low = torch.index_select(t.code_of, 0, slot[m // 2:], out=buf.low[: m // 2])
     torch.bitwise_or(high, low, out=out)
@@ -192,10 +197,13 @@ def quantize_4bit(x: torch.Tensor, blocksize: int, quant_type: str) -> tuple[tor
     for start in range(0, full, step):
         stop = min(start + step, full)
         k = (stop - start) // blocksize
-        pairs = flat[start:stop].view(k, half, 2)
-        am = _block_absmax(pairs.view(k, blocksize))
+        chunk = flat[start:stop]
+        am = _block_absmax(chunk.view(k, blocksize))
         absmax[start // blocksize: stop // blocksize] = am
         recip = (1.0 / am.clamp(min=1e-38)).unsqueeze(1)
+        if chunk.dtype != torch.float32:   # one contiguous upcast: a mixed-dtype strided mul would copy anyway
+            chunk = buf.upcast[: stop - start].copy_(chunk)
+        pairs = chunk.view(k, half, 2)
         scaled = buf.scaled[: stop - start]
         torch.mul(pairs[:, :, 0], recip, out=scaled[: k * half].view(k, half))   # even elements
         torch.mul(pairs[:, :, 1], recip, out=scaled[k * half:].view(k, half))   # odd elements
