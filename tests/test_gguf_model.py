@@ -1,0 +1,114 @@
+"""GGUF files to running models: the real SmolLM2 Q4_1 stays in its blocks and generates what
+transformers' GGUF path (float32) generates; tiny files of every mapped architecture load to the same
+logits as transformers."""
+import os
+import sys
+
+import numpy as np
+import pytest
+import torch
+import transformers
+
+import quantload
+from quantload.runtime.modules import QEmbedding, QLinear
+
+sys.path.insert(0, os.path.dirname(__file__))
+import realmodels  # noqa: E402
+from test_architectures import ARCHS, write_tiny  # noqa: E402
+
+PROMPTS = ["The capital of France is", "def fibonacci(n):", "Once upon a time, in a small village,"]
+
+
+@pytest.fixture(scope="module")
+def gguf_path():
+    return realmodels.smollm2_gguf()
+
+
+@pytest.fixture(scope="module")
+def ours(gguf_path):
+    return quantload.load(gguf_path, dtype=torch.float32, progress=False)
+
+
+@pytest.fixture(scope="module")
+def tok(gguf_path):
+    return quantload.load_tokenizer(gguf_path)
+
+
+def greedy(model, tok, n=12):
+    out = []
+    for p in PROMPTS:
+        ids = tok(p, return_tensors="pt").input_ids
+        with torch.inference_mode():
+            g = model.generate(ids, max_new_tokens=n, do_sample=False, pad_token_id=tok.eos_token_id)
+        out.append(g[0, ids.shape[1]:].tolist())
+    return out
+
+
+def test_weights_stay_in_their_blocks(ours, gguf_path):
+    size = os.path.getsize(gguf_path)
+    assert ours.load_report.model_bytes <= 1.25 * size
+    linears = [m for m in ours.modules() if isinstance(m, QLinear)]
+    assert len(linears) == 30 * 7 + 1  # every projection, and the tied output head
+    assert isinstance(ours.model.embed_tokens, QEmbedding)
+    assert ours.lm_head.qweight is ours.model.embed_tokens.qweight  # tied: one copy of the blocks
+    assert not any(isinstance(m, torch.nn.Linear) for m in ours.modules())
+
+
+@pytest.mark.slow
+def test_same_greedy_text_as_transformers_gguf_float32(ours, tok, gguf_path):
+    ref = transformers.AutoModelForCausalLM.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name,
+                                                            dtype=torch.float32)
+    assert greedy(ours, tok) == greedy(ref, tok)
+
+
+def test_dequantize_true_gives_a_float_model(gguf_path, ours):
+    flat = quantload.load(gguf_path, dequantize=True, dtype=torch.float32, progress=False)
+    assert not any(isinstance(m, (QLinear, QEmbedding)) for m in flat.modules())
+    w = flat.model.layers[3].self_attn.q_proj.weight
+    assert torch.equal(w, ours.model.layers[3].self_attn.q_proj.qweight.dequantize(torch.float32))
+    ids = torch.tensor([[1, 600, 42, 7]])
+    with torch.no_grad():
+        assert torch.equal(flat(ids).logits, ours(ids).logits)
+
+
+def test_cli_generate_default_model(capsys):
+    from quantload.cli import main
+    assert main(["generate", "--prompt", "What is 2+2?", "--chat", "--max-new-tokens", "8"]) == 0
+    out, err = capsys.readouterr()
+    assert out.strip()
+    assert "loaded" in err and "peak RSS" in err
+
+
+@pytest.fixture(scope="module")
+def tiny_files(tmp_path_factory):
+    root = tmp_path_factory.mktemp("tiny_gguf_models")
+    rng = np.random.default_rng(1)
+    paths = {}
+    for key, p in ARCHS.items():
+        (root / key).mkdir()
+        paths[key] = root / key / f"{key}.gguf"
+        write_tiny(paths[key], p, rng)
+    return paths
+
+
+@pytest.mark.parametrize("key", list(ARCHS))
+def test_tiny_architectures_match_transformers(tiny_files, key):
+    path = tiny_files[key]
+    ours = quantload.load(path, dtype=torch.float32, progress=False)
+    ref = transformers.AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32)
+    if key in ("gemma2", "gemma3"):
+        # transformers leaves query_pre_attn_scalar at its default; llama.cpp (and we) use head_dim
+        for a, b in zip(ref.model.layers, ours.model.layers):
+            a.self_attn.scaling = b.self_attn.scaling
+    ids = torch.tensor([[1, 5, 9, 17, 3, 30]])
+    with torch.no_grad():
+        torch.testing.assert_close(ours(ids).logits, ref(ids).logits, rtol=1e-5, atol=1e-5)
+
+
+def test_unknown_architecture_is_named(tmp_path):
+    import gguf
+    w = gguf.GGUFWriter(str(tmp_path / "x.gguf"), "mamba9")
+    w.add_tensor("token_embd.weight", np.zeros((4, 32), np.float32))
+    w.write_header_to_file(); w.write_kv_data_to_file(); w.write_tensors_to_file(); w.close()
+    with pytest.raises(quantload.UnsupportedError, match="mamba9"):
+        quantload.load(tmp_path / "x.gguf", progress=False)
