@@ -68,14 +68,18 @@ def cmd_generate(a) -> int:
 
 def cmd_convert(a) -> int:
     import quantload
-    model = quantload.load(a.src, quantize=None if a.out.endswith(".gguf") else a.quantize, dtype=a.dtype,
-                           dequantize=a.dequantize or a.out.endswith(".gguf"))
+    to_gguf = a.out.endswith(".gguf")
+    # GGUF -> GGUF keeps the blocks (same-type tensors are copied, not requantized)
+    model = quantload.load(a.src, quantize=None if to_gguf else a.quantize, dtype=a.dtype,
+                           dequantize=a.dequantize)
     print(model.load_report.summary(), file=sys.stderr)
     tok = None
-    try:
-        tok = quantload.load_tokenizer(a.src)
-    except quantload.QuantloadError as e:
-        print(f"quantload: no tokenizer written ({e})", file=sys.stderr)
+    from_gguf = a.src.endswith(".gguf")
+    if not (to_gguf and from_gguf):  # a GGUF source's own tokenizer keys are copied verbatim
+        try:
+            tok = quantload.load_tokenizer(a.src)
+        except quantload.QuantloadError as e:
+            print(f"quantload: no tokenizer written ({e})", file=sys.stderr)
     t0 = time.perf_counter()
     if a.out.endswith(".gguf"):
         files = quantload.save(model, a.out, tokenizer=tok, quantize=a.quantize or "q8_0")

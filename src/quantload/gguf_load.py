@@ -134,6 +134,7 @@ def load_gguf(source, *, report: LoadReport, t0: float, quantize, dtype, device_
     if plan is not None:
         model.device_plan = plan
     model.gguf_fields = source.fields
+    model.gguf_field_types = source.field_types  # so a GGUF writer keeps each carried-over key's type
     report.seconds["finalize"] = time.perf_counter() - t2
     return model
 
