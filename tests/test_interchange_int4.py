@@ -1,0 +1,36 @@
+"""A real model (SmolLM2-135M) quantized on the fly to int4 group 128, saved as compressed-tensors
+pack-quantized, reloaded by quantload and by transformers + compressed-tensors: same greedy text."""
+import json
+import os
+import sys
+
+import pytest
+import torch
+import transformers
+
+import quantload
+
+sys.path.insert(0, os.path.dirname(__file__))
+import realmodels  # noqa: E402
+from test_interchange_bnb import PROMPTS, greedy  # noqa: E402
+
+pytestmark = pytest.mark.slow
+
+
+def test_int4_saved_by_quantload_loads_in_transformers_compressed_tensors(tmp_path):
+    real = realmodels.smollm2_bf16()
+    tok = quantload.load_tokenizer(real)
+    model = quantload.load(real, quantize="int4", dtype=torch.float32, progress=False)
+    assert sum(model.load_report.quantized_modules.values()) == 30 * 7
+    ours = greedy(model, tok)
+    quantload.save(model, tmp_path / "q")
+    qc = json.loads((tmp_path / "q" / "config.json").read_text())["quantization_config"]
+    assert qc["quant_method"] == "compressed-tensors" and qc["format"] == "pack-quantized"
+    w = qc["config_groups"]["group_0"]["weights"]
+    assert (w["num_bits"], w["group_size"], w["strategy"]) == (4, 128, "group")
+
+    again = quantload.load(tmp_path / "q", dtype=torch.float32, progress=False)
+    assert greedy(again, tok) == ours
+    theirs = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "q", dtype=torch.float32)
+    assert greedy(theirs, tok) == ours
+    assert len(PROMPTS) >= 3
