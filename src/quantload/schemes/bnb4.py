@@ -58,8 +58,10 @@ _BUCKET_TO_CODE = {
     "nf4": tuple(range(16)),
     "fp4": (11, 10, 13, 12, 15, 14, 9, 0, 8, 1, 6, 7, 4, 5, 2, 3),
 }
-# CPU kernels work through the weight in chunks this size so that their temporaries stay in cache.
-_CPU_CHUNK = 1 << 18
+# Kernels work through the weight in chunks of this many elements: on CPU so that their temporaries
+# stay in cache, on GPUs to bound the scratch memory (about 17 bytes an element).
+_CPU_CHUNK = 1 << 20
+_GPU_CHUNK = 1 << 24
 
 
 def _floats(bits) -> torch.Tensor:
@@ -100,15 +102,15 @@ class _Tables:
         self.table = table.to(device)
         self.pair_lut = torch.stack([table[byte >> 4], table[byte & 15]], 1).contiguous().to(device)
         # byte -> the int32 pair (high code, low code) as one int64, in memory order
-        first, second = (0, 32) if sys.byteorder == "little" else (32, 0)
-        self.nibbles = ((byte >> 4) << first | (byte & 15) << second).to(device)
+        high_at, low_at = (0, 32) if sys.byteorder == "little" else (32, 0)
+        self.nibbles = ((byte >> 4) << high_at | (byte & 15) << low_at).to(device)
         order = torch.tensor(_BUCKET_TO_CODE[quant_type])
         ascending = table[order]
         midpoints = (ascending[:-1] + ascending[1:]) / 2          # float32, as bnb computes them
         bits = np.arange(65536, dtype=np.uint32) << 16
         first = torch.from_numpy(bits.view(np.float32).copy())     # +-(top bits, low bits zero)
         last = torch.from_numpy((bits | 0xFFFF).view(np.float32).copy())
-        # the runs starting at +-inf hold only +-inf and NaN payloads no arithmetic produces
+        # the runs starting at +-inf hold +-inf and NaN payloads: take their code from +-inf
         last = torch.where(last.isnan() & first.isinf(), first, last)
         lo, hi = torch.minimum(first, last), torch.maximum(first, last)
         b_lo, b_hi = torch.bucketize(lo, midpoints), torch.bucketize(hi, midpoints)  # NaN -> 15, as bnb
@@ -134,9 +136,9 @@ def _dynamic_on(device: torch.device) -> torch.Tensor:
 
 
 def _chunk_elements(x: torch.Tensor, total: int, blocksize: int) -> int:
-    if x.device.type != "cpu" or total == 0:
-        return max(total, blocksize)
-    return max(1, _CPU_CHUNK // blocksize) * blocksize
+    """Elements per chunk: a whole number of blocks, at least one block."""
+    target = _CPU_CHUNK if x.device.type == "cpu" else _GPU_CHUNK
+    return max(1, target // blocksize) * blocksize
 
 
 # --- kernels ----------------------------------------------------------------------------------------
@@ -234,7 +236,8 @@ def dequantize_4bit(packed: torch.Tensor, absmax: torch.Tensor, n: int, blocksiz
     byte = torch.empty(chunk // 2, dtype=torch.int32, device=packed.device)
     index = torch.empty(chunk, dtype=torch.int32, device=packed.device)
     rows = torch.empty(chunk // blocksize, 16, dtype=dtype, device=packed.device)
-    row_start = torch.arange(0, 16 * (chunk // blocksize), 16, dtype=torch.int32, device=packed.device).unsqueeze(1)
+    row_start = torch.arange(0, 16 * (chunk // blocksize), 16, dtype=torch.int32, device=packed.device)
+    row_start = row_start.unsqueeze(1)
     for start in range(0, full, step):
         stop = min(start + step, full)
         k = (stop - start) // blocksize
@@ -255,11 +258,12 @@ def _quantize_blockwise_dynamic(a: torch.Tensor, blocksize: int = NESTED_BLOCKSI
 
     Rounds to the exact nearest map entry, like bnb's pure-torch default backend (torch.bucketize over
     the midpoints) and its CUDA kernel (a binary search). bnb's CPU C++ kernel instead looks the code
-    up in a 65536-bin approximation and can land one code off near a midpoint (~1 of 400 absmax codes
-    on random data); for a 256-run of absmax values that all equal their mean (e.g. a weight of one
-    block) the C++ kernel writes nested_absmax 0 and code 0 where this (and the default backend) writes
-    0 (full run) or 1e-38 (last, partial run) and the code of 0.0. Every variant decodes to the same
-    absmax up to those codes, and readers are unaffected."""
+    up in a 65536-bin approximation and near a midpoint can land a code or a few off (about 1 absmax
+    code in 1000 on random data, never more than 2^-15 of the run's absmax farther than the nearest);
+    and for a 256-run of absmax values that all equal their mean (e.g. a weight of one block) it writes
+    nested_absmax 0 and code 0 where this (like the default backend) writes 0 (a full run) or 1e-38
+    (the last, partial run) and the code of 0.0. Each variant decodes to nearly the same absmax, and
+    readers are unaffected: they decode whatever codes the file holds."""
     code = _dynamic_on(a.device)
     n = a.numel()
     n_full = n // blocksize
@@ -283,7 +287,7 @@ def dequantize_nested_absmax(codes: torch.Tensor, nested_absmax: torch.Tensor, o
     vals = nested_map.index_select(0, codes.to(torch.int32))
     vals = F.pad(vals, (0, nested_absmax.numel() * nested_blocksize - nb)).view(-1, nested_blocksize)
     absmax = (vals * nested_absmax.unsqueeze(1)).view(-1)[:nb]
-    return absmax + torch.tensor(offset, dtype=torch.float32, device=codes.device)
+    return absmax + offset   # offset is a float32 value: the sum rounds exactly as bnb's float32 add
 
 
 # --- the scheme -------------------------------------------------------------------------------------
