@@ -255,7 +255,8 @@ def failures(summaries: dict[str, dict]) -> list[str]:
 def markdown_report(rows: list[Row], meta: dict, cases: list[Case]) -> str:
     out = ["# quantload bench", ""]
     out.append(f"{meta.get('date', '')} · {meta.get('machine', '')} · repeats: {meta.get('repeats', '')}"
-               + (" · --quick" if meta.get("quick") else ""))
+               + f" · threads: {meta.get('threads', 'default')}" + (" · --quick" if meta.get("quick") else "")
+               + (f" · commit {meta['commit']}" if meta.get("commit") else ""))
     versions = meta.get("versions") or {}
     if versions:
         out.append("versions: " + ", ".join(f"{k} {v}" for k, v in versions.items()))

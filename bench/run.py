@@ -34,6 +34,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--no-alternatives", action="store_true", help="measure quantload alone")
     p.add_argument("--gemma-gguf", metavar="PATH",
                    help=f"a gemma-3-270m Q4_K_M GGUF for gguf_load_gemma (or set {inputs.GEMMA_ENV})")
+    p.add_argument("--threads", type=int, metavar="N",
+                   help="CPU threads for every worker, both sides (OMP_NUM_THREADS/MKL_NUM_THREADS); default: the "
+                        "libraries' own choice. On a busy shared machine, 1 avoids stalls of oversubscribed threads")
     p.add_argument("--timeout", type=float, default=1200, help="seconds per worker process (default 1200)")
     p.add_argument("--out", default=str(inputs.RESULTS_DIR), help="where latest.{json,md,png} go")
     p.add_argument("--list", action="store_true", help="list the cases and exit")
@@ -89,6 +92,9 @@ def schedule(cases, status, repeats: int) -> list[tuple[int, str]]:
 # --- processes ----------------------------------------------------------------------------------------
 def _env() -> dict:
     env = dict(os.environ)
+    threads = os.environ.get("QUANTLOAD_BENCH_THREADS")
+    if threads:
+        env["OMP_NUM_THREADS"] = env["MKL_NUM_THREADS"] = threads
     env["PYTHONPATH"] = os.pathsep.join(p for p in (str(ROOT), env.get("PYTHONPATH", "")) if p)
     env.setdefault("HF_HUB_OFFLINE", "1")
     env.setdefault("TRANSFORMERS_VERBOSITY", "error")
@@ -204,6 +210,9 @@ def measure(args, cases) -> tuple[dict, dict, dict, dict]:
     """Build the inputs, then run the schedule: (status, runs per runner, inputs built, meta)."""
     if args.gemma_gguf:
         os.environ[inputs.GEMMA_ENV] = os.path.abspath(args.gemma_gguf)
+    if args.threads:
+        os.environ["QUANTLOAD_BENCH_THREADS"] = str(args.threads)
+    load_before = os.getloadavg()[0]
     status = runner_status(cases, args)
     built = build_inputs(status, args.timeout, _log)
     notes = [f"input {n}: {r['metrics']['made_by']}" for n, r in built.items() if r["ok"]]
@@ -223,7 +232,12 @@ def measure(args, cases) -> tuple[dict, dict, dict, dict]:
     meta = {"date": dt.datetime.now().isoformat(timespec="seconds"), "machine": _machine(),
             "repeats": args.repeats, "quick": args.quick, "commit": _git_commit(), "versions": _versions(),
             "command": "python -m bench " + " ".join(args.argv), "total_s": round(time.perf_counter() - started, 1),
+            "threads": args.threads or "default", "load_average": [round(load_before, 1), round(os.getloadavg()[0], 1)],
             "notes": notes}
+    if max(meta["load_average"]) > (os.cpu_count() or 1):
+        notes.append(f"the machine was busy (load average {meta['load_average'][0]} at the start, "
+                     f"{meta['load_average'][1]} at the end, on {os.cpu_count()} CPUs): figures are noisy"
+                     + ("" if args.threads else "; --threads 1 avoids stalls of oversubscribed threads"))
     return status, runs, built, meta
 
 
