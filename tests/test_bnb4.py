@@ -157,6 +157,18 @@ def test_nested_codes_exact_nearest_where_bnb_cpu_approximates():
     assert (worse >= 0).all() and (worse <= 2 ** -15).all()
 
 
+@pytest.mark.parametrize("chunk", [64, 320, 4096])
+@pytest.mark.parametrize("quant_type", ["nf4", "fp4"])
+def test_chunked_kernels_match_bnb(chunk, quant_type, monkeypatch):
+    """Weights spanning many kernel chunks (the last one short) and a partial last block."""
+    monkeypatch.setattr(bnb4, "_CPU_CHUNK", chunk)
+    w = random_weight((33, 65), torch.bfloat16, seed=chunk)
+    q, state = BF.quantize_4bit(w, blocksize=64, quant_type=quant_type)
+    ours = Bnb4Scheme(quant_type).quantize(w)
+    assert torch.equal(ours.data["codes"], q.view(-1)) and torch.equal(ours.data["absmax"], state.absmax)
+    assert torch.equal(ours.dequantize(), BF.dequantize_4bit(q, state))
+
+
 def test_quant_state_json_is_bnbs_byte_for_byte():
     w = random_weight((96, 256), torch.bfloat16, seed=7)
     for dq in (False, True):
