@@ -31,6 +31,7 @@ import torch.nn.functional as F
 
 from ..config import parse_dtype
 from ..errors import ConfigError, MissingTensorError, QuantStateError, ShapeMismatchError, UnsupportedError
+from ..runtime import kernels
 from .base import QTensor, Scheme
 from .checks import full_key
 
@@ -123,7 +124,6 @@ class _Tables:
         above = torch.where(crosses, b_lo + 1, b_lo)
         code_of = torch.stack([order[b_lo], order[above]], 1).reshape(-1).to(torch.uint8)
         self.code_of = code_of.to(device)
-        self.code_of_high = (code_of << 4).to(device)   # the same, pre-shifted into the high nibble
 
 
 @functools.cache
@@ -143,12 +143,14 @@ def _chunk_elements(x: torch.Tensor, total: int, blocksize: int) -> int:
 
 
 # --- kernels ----------------------------------------------------------------------------------------
-def _block_absmax(blocks: torch.Tensor) -> torch.Tensor:
+def _block_absmax(blocks: torch.Tensor, scratch: torch.Tensor | None = None) -> torch.Tensor:
     """max |x| per row, as float32. Clearing the sign bit and taking an integer max is exact (NaN stays
-    NaN) and cheaper than abs() + amax on floats."""
-    if blocks.dtype == torch.float32:
-        return (blocks.view(torch.int32) & 0x7FFFFFFF).amax(1).view(torch.float32)
-    return (blocks.view(torch.int16) & 0x7FFF).amax(1).view(blocks.dtype).float()
+    NaN) and cheaper than abs() + amax on floats. `scratch`: an int32 buffer of at least as many
+    elements, to hold the sign-cleared bits without allocating."""
+    bits = torch.int32 if blocks.dtype == torch.float32 else torch.int16
+    out = None if scratch is None else scratch.view(bits)[: blocks.numel()].view(blocks.shape)
+    magnitude = torch.bitwise_and(blocks.view(bits), 0x7FFFFFFF if bits == torch.int32 else 0x7FFF, out=out)
+    return magnitude.amax(1).view(blocks.dtype).float()
 
 
 class _CodeScratch:
@@ -160,25 +162,22 @@ class _CodeScratch:
         self.run = torch.empty(elements, dtype=torch.int32, device=device)
         self.threshold = torch.empty(elements, dtype=torch.float32, device=device)
         self.upcast = self.threshold    # the upcast input is consumed before thresholds are gathered
-        self.high = torch.empty(elements // 2, dtype=torch.uint8, device=device)
-        self.low = torch.empty(elements // 2, dtype=torch.uint8, device=device)
+        self.codes = torch.empty(elements, dtype=torch.uint8, device=device)
 
 
 def _pack_codes_into(scaled: torch.Tensor, t: _Tables, out: torch.Tensor, buf: _CodeScratch) -> None:
-    """Exact nearest 4-bit code of each float32 in `scaled`, packed into `out`. `scaled` holds the
-    even-indexed elements in its first half and the odd-indexed ones in its second half (high and low
-    nibbles), so every gather below reads a contiguous index."""
+    """Exact nearest 4-bit code of each float32 in `scaled` (even length), packed two a byte into `out`,
+    the even element in the high nibble."""
     m = scaled.numel()
-    slot, diff = buf.run[:m], buf.threshold[:m]
+    slot, diff, codes = buf.run[:m], buf.threshold[:m], buf.codes[:m]
     torch.bitwise_right_shift(scaled.view(torch.int32), 15, out=slot)
     slot.bitwise_and_(0x1FFFE)                                   # 2p
     torch.index_select(t.threshold, 0, slot, out=diff)
     diff.sub_(scaled)                                            # t_p - s < 0  <=>  s > t_p
     sign = diff.view(torch.int32).bitwise_right_shift_(31)       # -1 where s > t_p, else 0
     slot.sub_(sign)
-    high = torch.index_select(t.code_of_high, 0, slot[: m // 2], out=buf.high[: m // 2])
-    low = torch.index_select(t.code_of, 0, slot[m // 2:], out=buf.low[: m // 2])
-    torch.bitwise_or(high, low, out=out)
+    torch.index_select(t.code_of, 0, slot, out=codes)
+    torch.add(codes[1::2], codes[0::2], alpha=16, out=out)      # (even << 4) | odd, in one op
 
 
 def quantize_4bit(x: torch.Tensor, blocksize: int, quant_type: str) -> tuple[torch.Tensor, torch.Tensor]:
@@ -196,27 +195,21 @@ def quantize_4bit(x: torch.Tensor, blocksize: int, quant_type: str) -> tuple[tor
     absmax = torch.empty(-(-n // blocksize), dtype=torch.float32, device=x.device)
     step = _chunk_elements(flat, full, blocksize)
     buf = _CodeScratch(max(min(step, full), blocksize + 1), x.device)
-    half = blocksize // 2
     for start in range(0, full, step):
         stop = min(start + step, full)
-        k = (stop - start) // blocksize
-        chunk = flat[start:stop]
-        am = _block_absmax(chunk.view(k, blocksize))
+        blocks = flat[start:stop].view(-1, blocksize)
+        am = _block_absmax(blocks, buf.run)
         absmax[start // blocksize: stop // blocksize] = am
-        recip = (1.0 / am.clamp(min=1e-38)).unsqueeze(1)
-        if chunk.dtype != torch.float32:   # one contiguous upcast: a mixed-dtype strided mul would copy anyway
-            chunk = buf.upcast[: stop - start].copy_(chunk)
-        pairs = chunk.view(k, half, 2)
+        if blocks.dtype != torch.float32:   # one contiguous upcast: a mixed-dtype mul would copy anyway
+            blocks = buf.upcast[: stop - start].view(-1, blocksize).copy_(blocks)
         scaled = buf.scaled[: stop - start]
-        torch.mul(pairs[:, :, 0], recip, out=scaled[: k * half].view(k, half))   # even elements
-        torch.mul(pairs[:, :, 1], recip, out=scaled[k * half:].view(k, half))   # odd elements
+        torch.mul(blocks, (1.0 / am.clamp(min=1e-38)).unsqueeze(1), out=scaled.view(-1, blocksize))
         _pack_codes_into(scaled, t, packed[start // 2: stop // 2], buf)
     if full < n:
         tail = flat[full:].float()
         am = tail.abs().max().clamp(min=1e-38)
         absmax[n_full] = am
-        scaled = F.pad(tail / am, (0, (n - full) % 2))
-        _pack_codes_into(scaled.view(-1, 2).t().contiguous().view(-1), t, packed[full // 2:], buf)
+        _pack_codes_into(F.pad(tail / am, (0, (n - full) % 2)), t, packed[full // 2:], buf)
     return packed, absmax
 
 
@@ -505,9 +498,35 @@ class Bnb4Scheme(Scheme):
         bnb_4bit_compute_dtype, float32 by default); without one bnb computes in the input dtype."""
         return self.compute_dtype or x_dtype
 
+    def prepare_runtime(self, qt: QTensor) -> QTensor:
+        """The packed int4 kernel (runtime/kernels.py), through the table rounded to a fine integer grid
+        (see `affine_weight`). The codes and absmax stay as they are for encode() and dequantize()."""
+        return kernels.attach_fast(qt, self.affine_weight)
+
+    def affine_weight(self, qt: QTensor) -> kernels.AffineWeight:
+        """NF4/FP4 is a 16-entry table, not affine, but table[c] * absmax = (g[c] - zero) * step * absmax
+        up to step / 2 with the table rounded to an integer grid (see LUT_GRID_PLANES): each block is then
+        an affine group of codes g[c], which the kernel runs as planes of 4-bit codes."""
+        n_out, n_in = qt.shape if qt.ndim == 2 else (0, 0)
+        bs = qt.meta["blocksize"]
+        if qt.ndim != 2 or n_in % bs:
+            raise kernels.NotEligible(f"blocks of {bs} do not tile the rows of a {list(qt.shape)} weight")
+        bits, _, grid_zero = _grid_params(LUT_GRID_PLANES)
+        grid, step = _lut_grid(qt.meta["quant_type"], qt.device, LUT_GRID_PLANES)
+        packed = qt.data["codes"].view(-1)
+        nibbles = torch.stack([packed >> 4, packed & 15], dim=1).view(n_out, n_in)
+        codes = grid.index_select(0, nibbles.reshape(-1).to(torch.int32)).view(n_out, n_in)
+        scale = self.block_absmax(qt).double().view(n_out, n_in // bs) * step
+        zero = torch.full_like(scale, grid_zero)
+        return kernels.AffineWeight(codes, scale, bits, bs, zero=zero)
+
     def linear(self, x: torch.Tensor, qt: QTensor, bias: torch.Tensor | None) -> torch.Tensor:
-        """Linear4bit.forward without bnb's AVX512-BF16 repacking: dequantize to the compute dtype
-        (fp32 math, one rounding), matmul, cast back to the input dtype."""
+        """The packed kernel when prepare_runtime made one; else Linear4bit.forward without bnb's
+        AVX512-BF16 repacking: dequantize to the compute dtype (fp32 math, one rounding), matmul, cast
+        back to the input dtype."""
+        y = kernels.fast_linear(x, qt, bias)
+        if y is not None:
+            return y
         compute = qt.scheme.compute_dtype_for(x.dtype)
         xc = x.to(compute)
         w = qt.scheme.dequantize(qt, compute)
@@ -518,6 +537,31 @@ class Bnb4Scheme(Scheme):
         nb = -(-n // self.blocksize)
         stats = nb + 4 * -(-nb // NESTED_BLOCKSIZE) if self.double_quant else 4 * nb
         return (n + 1) // 2 + stats
+
+
+# The fast path's integer grid for the 4-bit tables: LUT_GRID_PLANES 4-bit planes, whose balanced digits
+# reach +-7 * (1 + 16 + ...). Two planes put NF4 on steps of 1/119 of its range, within 1/238
+# of the block absmax; three planes (1.5x the kernel time and memory) within 1/3822, below the bfloat16
+# rounding (2^-9 relative) of the kernel's scales, and FP4 exactly (its values are multiples of 1/192).
+LUT_GRID_PLANES = 2
+
+
+def _grid_params(planes: int) -> tuple[int, int, int]:
+    """(bits, largest balanced code, zero offset) of a grid of `planes` 4-bit planes."""
+    return 4 * planes, 7 * sum(16 ** p for p in range(planes)), 1 << (4 * planes - 1)
+
+
+@functools.cache
+def _lut_grid(quant_type: str, device: torch.device, planes: int) -> tuple[torch.Tensor, float]:
+    """(unsigned grid codes [16] int32 around the grid's zero, step) for the fast path."""
+    _, top, zero = _grid_params(planes)
+    table = code_table(quant_type)
+    if quant_type == "fp4" and top >= 192:
+        step = 1 / 192
+        codes = torch.round(table.double() / step).to(torch.int32)
+    else:
+        codes, step = kernels.grid_codes(table, top)
+    return (codes + zero).to(device), step
 
 
 # --- quant_state JSON -------------------------------------------------------------------------------
