@@ -39,7 +39,8 @@ def summarize(runs: list[dict]) -> dict:
         else:
             median[k] = vs[0]
     errors = list(dict.fromkeys(r.get("error") or "failed" for r in runs if not r.get("ok")))
-    return {"runs": len(runs), "ok": len(ok), "median": median, "errors": errors}
+    states = {r["src_state"] for r in runs if r.get("src_state")}
+    return {"runs": len(runs), "ok": len(ok), "median": median, "errors": errors, "src_states": len(states)}
 
 
 def lookup(summary: dict | None, key: str):
@@ -122,7 +123,7 @@ def _side_text(metric, status, summary, key, memcpy_traffic):
         return status["reason"], None
     v, err = lookup(summary, key)
     if v is None:
-        return f"error: {_short(err)}", None
+        return ("not measured" if err == "not measured" else f"error: {_short(err)}"), None
     text = fmt_value(metric, v, memcpy_traffic=memcpy_traffic)
     if metric.key == "peak_rss":
         imp, _ = lookup(summary, "import_rss")
@@ -209,6 +210,8 @@ def _first_row_notes(case, part, ql_sum, alt_sum, labels) -> list[str]:
     for side, s in (("quantload", ql_sum), ("alternative", alt_sum)):
         if s and 0 < s["ok"] < s["runs"]:
             notes.append(f"{side}: {s['ok']}/{s['runs']} runs ok")
+    if ql_sum and ql_sum.get("src_states", 0) > 1:
+        notes.append(f"quantload's source changed between its runs ({ql_sum['src_states']} versions)")
     return notes
 
 

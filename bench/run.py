@@ -185,6 +185,20 @@ def _git_commit() -> str:
         return "unknown"
 
 
+def src_state() -> str:
+    """A short fingerprint of quantload's source (HEAD + uncommitted changes under src/): other work may
+    change the library while a long bench runs, and the report says so."""
+    import hashlib
+    h = hashlib.sha1()
+    try:
+        for cmd in (["git", "rev-parse", "HEAD"], ["git", "diff", "HEAD", "--", "src"],
+                    ["git", "ls-files", "--others", "--exclude-standard", "-s", "--", "src"]):
+            h.update(subprocess.run(cmd, cwd=ROOT, capture_output=True, timeout=30).stdout)
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+    return h.hexdigest()[:10]
+
+
 def _brief(metrics: dict) -> str:
     keys = [("seconds", "{:.2f} s"), ("peak_rss", None), ("tokens_per_s", "{:.1f} tok/s"),
             ("copy_gb_per_s", "{:.2f} GB/s")]
@@ -225,7 +239,9 @@ def measure(args, cases) -> tuple[dict, dict, dict, dict]:
     plan = schedule(cases, status, args.repeats)
     started = time.perf_counter()
     for i, (rep, name) in enumerate(plan, 1):
+        state = src_state()
         res = run_worker(name, args.timeout)
+        res["src_state"] = state
         runs[name].append(res)
         brief = _brief(res.get("metrics", {})) if res["ok"] else "error: " + report._short(res["error"], 120)
         _log(f"[{i}/{len(plan)} repeat {rep + 1}] {name:22} {brief} ({res['wall_s']:.0f} s)")

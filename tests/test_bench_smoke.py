@@ -93,6 +93,15 @@ def test_rows_show_figures_errors_and_missing_alternatives():
     assert summary.startswith("targets: 3 met, 0 not met")
 
 
+def test_a_library_changed_mid_run_is_flagged():
+    case = CASES_BY_NAME["decode_dense"]
+    ql = report.summarize([dict(_ok(tokens_per_s=6.0), src_state="a"), dict(_ok(tokens_per_s=5.0), src_state="b")])
+    alt = report.summarize([_ok(tokens_per_s=6.0)])
+    status = _status(**{"ql.dense": "ran", "hf.dense": "ran"})
+    row = report.build_rows([case], {"ql.dense": ql, "hf.dense": alt}, status)[0]
+    assert row.quantload == "5.5 tok/s" and "quantload's source changed between its runs (2 versions)" in row.notes
+
+
 def test_token_agreement_note():
     ql = report.summarize([_ok(tokens_per_s=6.0, tokens=[1, 2, 3])])
     same = report.summarize([_ok(tokens_per_s=2.0, tokens=[1, 2, 3])])
