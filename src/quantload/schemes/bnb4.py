@@ -58,10 +58,11 @@ _BUCKET_TO_CODE = {
     "nf4": tuple(range(16)),
     "fp4": (11, 10, 13, 12, 15, 14, 9, 0, 8, 1, 6, 7, 4, 5, 2, 3),
 }
-# Kernels work through the weight in chunks of this many elements, to bound their scratch memory
-# (about 13 bytes an element). Each torch op is one parallel region on CPU, and on a busy machine every
-# region can wait a scheduler slice for its threads, so CPU chunks stay large (few regions per call).
-_CPU_CHUNK = 1 << 22
+# Kernels work through the weight in chunks of this many elements: scratch memory stays bounded (about
+# 13 bytes an element) and, on CPU, mostly in cache. Measured with one intra-op thread on the shared
+# 2-core machine (python -m bench --threads 1): 2^18..2^20 all ~11x/1x bnb, 2^22 ~5x/0.94x. With
+# several threads on a busy machine, each op is a parallel region that can stall: smaller chunks pay more.
+_CPU_CHUNK = 1 << 20
 _GPU_CHUNK = 1 << 24
 
 
