@@ -17,6 +17,7 @@ import torch
 
 from ..config import QuantSpec
 from ..errors import ConfigError, ShapeMismatchError, UnsupportedError
+from ..runtime import kernels
 from .base import QTensor, Scheme
 from .checks import expect_dtype, expect_float, expect_shape, full_key, need
 from .intpack import unpack_stream
@@ -46,7 +47,7 @@ def calculate_zeros_width(in_features: int, group_size: int, pack_num: int = 8) 
     return -(-base // mult) * mult
 
 
-class AWQScheme(Scheme):
+class AWQScheme(kernels.FastLinear, Scheme):
     param_name = "weight"
     bits = 4
 
@@ -133,6 +134,23 @@ class AWQScheme(Scheme):
         w = w.reshape(n_in, n_out).t() if self.layout == "gemm" else w.reshape(n_out, n_in)
         # a contiguous [O, I] weight, so a matmul on it rounds the same as on any other weight
         return w.to(dtype).contiguous()
+
+    def affine_weight(self, qt: QTensor) -> kernels.AffineWeight:
+        """The packed-kernel form (runtime/kernels.py): codes [O, I], zero-points and scales [O, groups]."""
+        n_out, n_in = qt.shape
+        gs, ng = qt.meta["group_size"], qt.meta["n_groups"]
+        qzeros, scales = qt.data.get("qzeros"), qt.data["scales"]
+        if self.layout == "gemm":
+            q = unpack_awq_gemm(qt.data["qweight"], n_out, torch.uint8).t()
+            z = unpack_awq_gemm(qzeros, n_out).t() if qzeros is not None else None
+            s = scales.t()
+        else:
+            q = unpack_stream(qt.data["qweight"], 4, n_in, dim=1, dtype=torch.uint8)
+            z = unpack_stream(qzeros, 4, ng, dim=1) if qzeros is not None else None
+            s = scales[:, :ng]
+        if z is None:
+            z = torch.full(s.shape, 1 << (self.bits - 1), dtype=torch.int32, device=s.device)
+        return kernels.AffineWeight(q, s, self.bits, gs, zero=z)
 
     def encode(self, qt: QTensor) -> dict[str, torch.Tensor]:
         return dict(qt.data)

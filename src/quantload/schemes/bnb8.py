@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import ConfigError, QuantStateError, ShapeMismatchError, UnsupportedError
+from ..runtime import kernels
 from .base import QTensor, Scheme
 from .checks import expect_dtype, expect_shape, full_key, need
 
@@ -122,6 +123,17 @@ class Bnb8Scheme(Scheme):
         cb, scb = int8_rowwise_quantize(w.contiguous().to(torch.float16))
         return QTensor(self, {"CB": cb, "SCB": scb}, w.shape, w.dtype)
 
+    def prepare_runtime(self, qt: QTensor) -> QTensor:
+        """The packed int8 kernel (runtime/kernels.py): W = CB * (SCB / 127) per output row. It computes
+        the weight-only product in bfloat16, without LLM.int8's int8 activations and outlier split."""
+        return kernels.attach_fast(qt, self.affine_weight)
+
+    def affine_weight(self, qt: QTensor) -> kernels.AffineWeight:
+        cb, scb = qt.data["CB"], qt.data["SCB"]
+        scale = (scb.double() / 127).unsqueeze(1)
+        zero = torch.full_like(scale, 128)
+        return kernels.AffineWeight(cb.view(torch.uint8) ^ 0x80, scale, 8, cb.shape[1], zero=zero)
+
     def dequantize(self, qt: QTensor, dtype: torch.dtype) -> torch.Tensor:
         return int8_rowwise_dequantize(qt.data["CB"], qt.data["SCB"]).to(dtype)
 
@@ -134,6 +146,9 @@ class Bnb8Scheme(Scheme):
         acc * (SCA * SCB) * 6.200124e-05 (+ bias) in float32, cast to the input dtype.
         Matches bnb's CPU kernels bit for bit while their float32 product is exact (in_features <= 1040);
         beyond that bnb's CPU fallback rounds the int32 sums and ours stays exact (CUDA/AVX512 bnb agree)."""
+        y = kernels.fast_linear(x, qt, bias)
+        if y is not None:
+            return y
         cb, scb = qt.data["CB"], qt.data["SCB"]
         out_features, in_features = cb.shape
         lead = x.shape[:-1]

@@ -25,6 +25,7 @@ from torch import nn
 
 from ..config import QuantSpec
 from ..errors import ConfigError, ShapeMismatchError, UnsupportedError
+from ..runtime import kernels
 from .affine import WeightArgs, dequantize_values, minmax_qparams, quantize_values
 from .base import QTensor, Scheme
 from .checks import check_group_index, expect_dtype, expect_float, expect_shape, full_key, need
@@ -51,7 +52,7 @@ def _describe(args: WeightArgs) -> str:
     return f"{args.type}{args.num_bits}-{g.get(args.strategy, args.strategy)}-{'sym' if args.symmetric else 'asym'}"
 
 
-class _CTScheme(Scheme):
+class _CTScheme(kernels.FastLinear, Scheme):
     """What the two compressed-tensors layouts share: the scale checks and the float math."""
 
     def __init__(self, args: WeightArgs, fmt: str):
@@ -83,6 +84,23 @@ class _CTScheme(Scheme):
                               "weight_zero_point (an asymmetric scheme)",
                               file=kw["file"], key=full_key(kw["prefix"], "weight_zero_point"))
         return zp
+
+    def _affine_parts(self, qt: QTensor, codes: torch.Tensor, zero: torch.Tensor, bits: int):
+        """AffineWeight of unsigned codes [O, I] and unsigned zero-points (scale-shaped or [1]); the
+        tensor strategy is one group per row with the same scale; blocks have no packed form."""
+        n_out, n_in = qt.shape
+        st = self.args.strategy
+        if st == "block":
+            raise kernels.NotEligible("block-wise scales have no packed kernel")
+        scale = qt.data["weight_scale"]
+        if st == "tensor":
+            scale = scale.reshape(1, 1).expand(n_out, 1)
+        zero = zero.reshape(1, 1).expand(n_out, 1) if zero.numel() == 1 else zero
+        gs = self.args.group_size if st == "group" else n_in
+        perm = kernels.group_order(qt.data.get("weight_g_idx"), n_in, gs)
+        if perm is not None:
+            codes = codes.index_select(1, perm)
+        return kernels.AffineWeight(codes, scale, bits, gs, zero=zero.expand(scale.shape), perm=perm)
 
     def _n_scales(self, n_out, n_in) -> int:
         n = 1
@@ -192,6 +210,20 @@ class CTPackedScheme(_CTScheme):
                               offset=self.offset)
         return w.to(dtype)
 
+    def affine_weight(self, qt: QTensor) -> kernels.AffineWeight:
+        """Packed-kernel form (runtime/kernels.py): the stored unsigned codes, zero-point + 2^(bits-1)."""
+        n_out, n_in = qt.shape
+        layout = qt.meta["layout"]
+        q = self._unpack(qt.data["weight_packed"], n_in, 1, layout, torch.uint8)
+        zp = None if qt.meta.get("zp_ignored") else qt.data.get("weight_zero_point")
+        if zp is None:
+            zero = torch.tensor(self.offset, device=q.device)
+        elif qt.meta["zp_packed"]:
+            zero = self._unpack(zp, n_out, 0, layout)         # stored with the offset already
+        else:
+            zero = zp.to(torch.int32) + self.offset
+        return self._affine_parts(qt, q, zero, self.bits)
+
     def encode(self, qt: QTensor) -> dict[str, torch.Tensor]:
         return dict(qt.data)
 
@@ -283,6 +315,14 @@ class CTNaiveScheme(_CTScheme):
         zp = None if qt.meta.get("zp_ignored") else qt.data.get("weight_zero_point")
         w = dequantize_values(qt.data["weight"], qt.data["weight_scale"], zp, self.args)
         return w.to(dtype)
+
+    def affine_weight(self, qt: QTensor) -> kernels.AffineWeight:
+        """Packed-kernel form (runtime/kernels.py) of int8 weights: q + 128 as unsigned codes."""
+        if self.storage != torch.int8:
+            raise kernels.NotEligible(f"{self.storage} weights have no packed kernel")
+        zp = None if qt.meta.get("zp_ignored") else qt.data.get("weight_zero_point")
+        zero = torch.tensor(128, device=qt.device) if zp is None else zp.to(torch.int32) + 128
+        return self._affine_parts(qt, qt.data["weight"].view(torch.uint8) ^ 0x80, zero, 8)
 
     def encode(self, qt: QTensor) -> dict[str, torch.Tensor]:
         return dict(qt.data)

@@ -19,6 +19,7 @@ import torch
 
 from ..config import QuantSpec, module_matches
 from ..errors import ConfigError, ShapeMismatchError, UnsupportedError
+from ..runtime import kernels
 from .base import QTensor, Scheme
 from .checks import check_group_index, expect_dtype, expect_float, expect_shape, full_key, need
 from .intpack import packed_len, unpack_stream
@@ -28,7 +29,7 @@ SUPPORTED_BITS = (2, 3, 4, 8)
 FORMATS = ("gptq", "gptq_v2")
 
 
-class GPTQScheme(Scheme):
+class GPTQScheme(kernels.FastLinear, Scheme):
     param_name = "weight"
 
     def __init__(self, bits: int, group_size: int = 128, *, sym: bool = True,
@@ -143,6 +144,20 @@ class GPTQScheme(Scheme):
             w = (q.to(dt) - z.to(dt)[g]) * scales[g]
         # a contiguous [O, I] weight, so a matmul on it rounds the same as on any other weight
         return w.reshape(n_in, n_out).t().to(dtype).contiguous()
+
+    def affine_weight(self, qt: QTensor) -> kernels.AffineWeight:
+        """The packed-kernel form (runtime/kernels.py): codes [O, I] with zero-points and scales per group,
+        act-order groups gathered by permuting the input columns."""
+        n_out, n_in = qt.shape
+        gs = qt.meta["group_size"]
+        q = unpack_stream(qt.data["qweight"], self.bits, n_in, dim=0, dtype=torch.uint8).t()
+        z = unpack_stream(qt.data["qzeros"], self.bits, n_out, dim=1)
+        if self.v1:
+            z = z + 1
+        perm = None if qt.meta["contiguous_groups"] else kernels.group_order(qt.data["g_idx"], n_in, gs)
+        if perm is not None:
+            q = q.index_select(1, perm)
+        return kernels.AffineWeight(q, qt.data["scales"].t(), self.bits, gs, zero=z.t(), perm=perm)
 
     def encode(self, qt: QTensor) -> dict[str, torch.Tensor]:
         return dict(qt.data)

@@ -98,3 +98,27 @@ def q2_0(b, out):
 
 
 DECODERS.update({41: q1_0, 42: q2_0})
+
+
+# --- the fast runtime path (runtime/kernels.py): legacy blocks as affine integer codes --------------------
+def _nibble_codes(b: torch.Tensor, start: int) -> torch.Tensor:
+    """uint8 [n, 32] codes in element order: low nibbles of qs = elements 0..15, high nibbles 16..31."""
+    qs = b[:, start:start + 16]
+    return torch.cat([qs & 15, qs >> 4], dim=1)
+
+
+def affine_codes(type_id: int, b: torch.Tensor):
+    """(codes uint8 [n, 32], bits, scale [n, 1], zero [n, 1] or None, bias [n, 1] or None) with
+    W = (codes - zero) * scale or codes * scale + bias, the same values the decoders above compute;
+    None for a type that is not affine in this sense."""
+    if type_id == 2:                                    # Q4_0: (q - 8) * d
+        return _nibble_codes(b, 2), 4, half(b, 0), torch.full_like(half(b, 0), 8.0), None
+    if type_id == 3:                                    # Q4_1: q * d + m
+        return _nibble_codes(b, 4), 4, half(b, 0), None, half(b, 2)
+    if type_id == 6:                                    # Q5_0: (q - 16) * d, q = nibble | bit << 4
+        return five_bit_codes(b, 6, 2, one=16, zero=0), 5, half(b, 0), torch.full_like(half(b, 0), 16.0), None
+    if type_id == 7:                                    # Q5_1: q * d + m
+        return five_bit_codes(b, 8, 4, one=16, zero=0), 5, half(b, 0), None, half(b, 2)
+    if type_id == 8:                                    # Q8_0: signed q * d = (q + 128 - 128) * d
+        return b[:, 2:34] ^ 0x80, 8, half(b, 0), torch.full_like(half(b, 0), 128.0), None
+    return None

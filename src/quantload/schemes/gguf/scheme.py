@@ -15,8 +15,10 @@ import torch.nn.functional as F
 
 from ...errors import MissingTensorError, ShapeMismatchError, UnsupportedError
 from ...ggml_types import GGML_TYPES, GGMLType
+from ...runtime import kernels
 from ..base import QTensor, Scheme
 from .dequant import decoder, dequantize_blocks
+from .legacy import affine_codes
 from .quantize import quantize_blocks
 
 #: plain float types whose blocks can be read in place as a torch tensor
@@ -96,11 +98,34 @@ class GGUFScheme(Scheme):
         return dequantize_blocks(self.type_id, qt.data["blocks"], dtype).view(qt.shape)
 
     def linear(self, x: torch.Tensor, qt: QTensor, bias: torch.Tensor | None) -> torch.Tensor:
-        """Dequantize per call (nothing cached: the weight stays quantized in memory), then matmul."""
+        """The packed kernel when prepare_runtime made one (runtime/kernels.py); else dequantize per call
+        (nothing cached: the weight stays quantized in memory), then matmul."""
+        y = kernels.fast_linear(x, qt, bias)
+        if y is not None:
+            return y
         w = self._read_in_place(qt, x.dtype)
         if w is None:
             w = self.dequantize(qt, x.dtype)
         return F.linear(x, w, bias.to(x.dtype) if bias is not None else None)
+
+    def prepare_runtime(self, qt: QTensor) -> QTensor:
+        """Q4_0/Q4_1/Q5_0/Q5_1/Q8_0 matrices get the packed int4 kernel (runtime/kernels.py), repacked
+        once here; the blocks stay as they are for encode() and dequantize()."""
+        return kernels.attach_fast(qt, self.affine_weight)
+
+    def affine_weight(self, qt: QTensor) -> kernels.AffineWeight:
+        """Codes [rows, cols] with one scale and zero (or offset m) per block of a row."""
+        if qt.ndim != 2:
+            raise kernels.NotEligible(f"{qt.ndim}-d tensor")
+        b = qt.data["blocks"].reshape(-1, self.type_size)
+        parts = affine_codes(self.type_id, b)
+        if parts is None:
+            raise kernels.NotEligible(f"{self.ggml.name} blocks have no packed kernel")
+        codes, bits, scale, zero, bias = parts
+        rows, cols = qt.shape
+        per_block = [None if t is None else t.reshape(rows, cols // self.block_size) for t in (scale, zero, bias)]
+        return kernels.AffineWeight(codes.reshape(rows, cols), per_block[0], bits, self.block_size,
+                                    zero=per_block[1], bias=per_block[2])
 
     def embedding(self, ids: torch.Tensor, qt: QTensor, dtype: torch.dtype) -> torch.Tensor:
         """Rows of a [num_embeddings, dim] table: gathers only the rows' blocks, then dequantizes them."""

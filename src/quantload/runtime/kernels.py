@@ -1,0 +1,348 @@
+"""Fast paths for quantized Linear layers: torch's native packed int4/int8 matmuls, repacked once at load.
+
+A scheme whose weight is an affine integer code per group, W[o, i] = codes[o, i] * scale[o, g] + bias[o, g]
+(g = i // group), describes it as an `AffineWeight` in its `prepare_runtime`; `attach_fast` repacks it
+into one of these kernels and keeps the result in `qt.meta["fast"]`, beside the untouched checkpoint
+data (so `encode()` and `dequantize()` are unchanged), and the scheme's `linear` calls `fast_linear`
+first. What runs:
+
+* "int4pack": `torch._weight_int4pack_mm_for_cpu` (tinygemm). Codes of up to 4 bits go in as they are.
+  Wider codes (8-bit GPTQ/compressed-tensors groups, GGUF Q5_x/Q8_0, the 8-bit grid of NF4/FP4) are cut
+  into 4-bit planes u = sum_p 16^p * u_p, each plane a copy of the weight's groups with scale 16^p * s;
+  the planes are laid side by side along the input dimension and the input is repeated once per plane,
+  so one call sums them. Group sizes 32/64/128/256 (others that are multiples of one of them repeat
+  their scales; per-channel weights are one group); the input dimension is zero-padded up to a whole
+  number of groups and the outputs up to a multiple of 16 (the kernel's block).
+* "int8pack": `torch._weight_int8pack_mm` for symmetric per-output-channel int8 (LLM.int8, w8a16).
+
+Numerics. On CPU only the bfloat16 variants of these kernels are vectorized (the float32 ones are ~20x
+slower than a dense float32 matmul, the float16 one ~10x), so the fast path computes in bfloat16: the
+input is rounded to bfloat16, scales and zero offsets are rounded to bfloat16 (a float16 scale loses 3
+bits), products accumulate in float32 inside the kernel and the output is rounded to bfloat16, then cast
+back to the input dtype; the bias is added in the input dtype. The zero offset the kernel wants,
+value = (u - 8) * scale + zero, is derived in float64 from the format's own form ((q - z) * s, d * q + m)
+and rounded once. These differences are of the order of bfloat16 rounding (2^-9 relative); they are
+measured on real models in bench/decode.py and tests/test_fast_kernels.py.
+
+When it runs: on CPU, for inputs of at most MAX_FAST_ROWS rows (divided by the number of planes), so
+decode and short prompts; larger batches dequantize once and use the BLAS matmul, faster there (the
+kernel costs rows x planes; a float dequantize does not grow with the rows). Outside autograd, and on
+the device the weight was packed on. Everything else takes the scheme's exact path (dequantize, then F.linear).
+
+The switch: `set_fast_kernels(False)` (or QUANTLOAD_EXACT=1 in the environment at import) makes every
+QLinear take the exact path again, bit for bit the dequantize-then-matmul result; with the switch off
+at load time nothing is repacked at all (no extra memory).
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+FAST_KEY = "fast"            # qt.meta[FAST_KEY]: the packed kernel
+SKIP_KEY = "fast_skipped"    # qt.meta[SKIP_KEY]: why a weight was not packed (for inspection and tests)
+INT4_GROUPS = (256, 128, 64, 32)   # group sizes the int4 kernel takes, largest first
+N_BLOCK = 16                 # the int4 kernel packs output rows in blocks of 16
+INT8_K_MULTIPLE = 8          # the int8 kernel reads inputs 8 at a time (other widths crash it)
+MAX_FAST_ROWS = 16           # input rows up to which the kernels beat dequantize + BLAS (divided by the
+                             # planes: the kernel's time grows with rows x planes; measured on CPU)
+MAX_PLANES = 3               # codes of up to 12 bits
+PACK_CHUNK_ELEMS = 1 << 20   # codes repacked per step at load (bounds the temporaries)
+
+_enabled = os.environ.get("QUANTLOAD_EXACT", "").strip().lower() in ("", "0", "false", "no")
+
+
+def set_fast_kernels(enabled: bool) -> bool:
+    """Turn the packed kernels on or off for every quantized Linear; returns the previous setting.
+    Off: every layer runs the exact path (dequantize, then F.linear), and loads made while off do not
+    repack. QUANTLOAD_EXACT=1 in the environment starts the process with them off."""
+    global _enabled
+    previous, _enabled = _enabled, bool(enabled)
+    return previous
+
+
+def fast_kernels_enabled() -> bool:
+    return _enabled
+
+
+class NotEligible(Exception):
+    """A weight that cannot take a packed kernel; the message says why (kept in qt.meta[SKIP_KEY])."""
+
+
+@dataclass
+class AffineWeight:
+    """W[o, i] = (codes[o, i] - zero[o, g]) * scale[o, g]  or, with `bias` instead of `zero`,
+    W[o, i] = codes[o, i] * scale[o, g] + bias[o, g];  g = i // group (after `perm`, if any).
+
+    codes: unsigned integers [O, I] below 2**bits (any integer dtype). scale, zero, bias: [O, G] (a
+    per-channel weight has G = 1 and group = I). perm: when the checkpoint's groups are not contiguous
+    (GPTQ act-order), the input columns in group order: the codes are given in that order and the input
+    is permuted the same way at run time."""
+    codes: torch.Tensor
+    scale: torch.Tensor
+    bits: int
+    group: int
+    zero: torch.Tensor | None = None
+    bias: torch.Tensor | None = None
+    perm: torch.Tensor | None = None
+
+
+# --- the kernels ----------------------------------------------------------------------------------------
+class _Packed:
+    kind = "abstract"
+
+    def __init__(self, n_out: int, n_in: int, perm: torch.Tensor | None, device: torch.device, planes: int = 1):
+        self.n_out, self.n_in, self.perm, self.device = n_out, n_in, perm, device
+        self.max_rows = max(1, MAX_FAST_ROWS // planes)
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self._tensors() if t is not None)
+
+    def _tensors(self):
+        return (self.perm,)
+
+    def __call__(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        lead = x.shape[:-1]
+        x2 = x.reshape(-1, self.n_in)
+        if self.perm is not None:
+            x2 = x2.index_select(1, self.perm)
+        y = self._mm(x2).to(x.dtype)
+        if bias is not None:
+            y = y + bias.to(x.dtype)
+        return y.view(*lead, self.n_out)
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.n_out}x{self.n_in}, {self.describe()}, {self.nbytes} bytes)"
+
+    def describe(self) -> str:
+        return self.kind
+
+
+class Int4Packed(_Packed):
+    """torch._weight_int4pack_mm_for_cpu on planes of 4-bit codes (see the module docstring)."""
+    kind = "int4pack"
+
+    def __init__(self, packed, scales_zeros, group, n_out, n_in, k_padded, planes, perm, device):
+        super().__init__(n_out, n_in, perm, device, planes)
+        self.packed, self.scales_zeros, self.group = packed, scales_zeros, group
+        self.k_padded, self.planes = k_padded, planes
+        self.n_padded = packed.shape[0]
+
+    def _tensors(self):
+        return (self.packed, self.scales_zeros, self.perm)
+
+    def _mm(self, x2: torch.Tensor) -> torch.Tensor:
+        # the input, rounded to bfloat16, once per plane and zero-padded: one broadcasting copy
+        if self.planes == 1 and self.k_padded == self.n_in:
+            xb = x2.to(torch.bfloat16).contiguous()
+        else:
+            xb = x2.new_zeros((x2.shape[0], self.planes, self.k_padded), dtype=torch.bfloat16)
+            xb[:, :, : self.n_in].copy_(x2.unsqueeze(1))
+            xb = xb.view(x2.shape[0], -1)
+        y = torch.ops.aten._weight_int4pack_mm_for_cpu(xb, self.packed, self.group, self.scales_zeros)
+        return y[:, : self.n_out] if self.n_padded != self.n_out else y
+
+    def describe(self) -> str:
+        return f"int4pack g{self.group}" + (f" x{self.planes} planes" if self.planes > 1 else "")
+
+
+class Int8Packed(_Packed):
+    """torch._weight_int8pack_mm: int8 [O, I] times a bfloat16 scale per output row."""
+    kind = "int8pack"
+
+    def __init__(self, weight, scales, perm, device):
+        super().__init__(weight.shape[0], weight.shape[1], perm, device)
+        self.weight, self.scales = weight, scales
+
+    def _tensors(self):
+        return (self.weight, self.scales, self.perm)
+
+    def _mm(self, x2: torch.Tensor) -> torch.Tensor:
+        return torch.ops.aten._weight_int8pack_mm(x2.to(torch.bfloat16).contiguous(), self.weight, self.scales)
+
+
+# --- repacking ------------------------------------------------------------------------------------------
+def _kernel_group(group: int, n_groups: int, k: int) -> tuple[int, int]:
+    """(kernel group size, padded input length). A per-channel weight (one group) takes the largest
+    kernel group and pads the input up to it; other group sizes must be a multiple of a kernel group."""
+    if n_groups == 1:
+        kg = next((g for g in INT4_GROUPS if k % g == 0), None)
+        if kg is None:
+            kg = 32 if k < 256 else 256
+        return kg, -(-k // kg) * kg
+    kg = next((g for g in INT4_GROUPS if group % g == 0), None)
+    if kg is None:
+        raise NotEligible(f"group size {group} is not a multiple of 32 (the int4 kernel takes groups of "
+                          f"{'/'.join(map(str, sorted(INT4_GROUPS)))})")
+    return kg, n_groups * group
+
+
+def _bias_of(aw: AffineWeight) -> torch.Tensor:
+    """bias [O, G] in float64 (exact for every float16/bfloat16/float32 scale and integer zero)."""
+    s = aw.scale.double()
+    if aw.bias is not None:
+        return aw.bias.double().expand_as(s)
+    return -(aw.zero.double() * s)
+
+
+def _int8_symmetric(aw: AffineWeight) -> bool:
+    """8-bit codes, one scale per output row and a zero point of 128 everywhere (signed int8 stored
+    with an offset): the int8 kernel computes exactly this."""
+    if aw.bits != 8 or aw.scale.shape[1] != 1 or aw.codes.shape[1] % INT8_K_MULTIPLE:
+        return False
+    if aw.zero is not None:
+        return bool((aw.zero == 128).all())
+    return bool((aw.bias.double() == -128 * aw.scale.double()).all())
+
+
+def pack(aw: AffineWeight) -> _Packed:
+    """Repack an affine weight for the CPU kernels; NotEligible says why not."""
+    codes = aw.codes
+    if codes.device.type != "cpu":
+        raise NotEligible(f"packed kernels are used on CPU only (weight on {codes.device.type})")
+    if codes.ndim != 2 or aw.scale.ndim != 2 or aw.scale.shape[0] != codes.shape[0]:
+        raise NotEligible(f"codes {list(codes.shape)} and scales {list(aw.scale.shape)} do not line up")
+    n_out, k = codes.shape
+    if n_out == 0 or k == 0:
+        raise NotEligible("empty weight")
+    planes = -(-aw.bits // 4)
+    if planes > MAX_PLANES:
+        raise NotEligible(f"{aw.bits}-bit codes are wider than {4 * MAX_PLANES} bits")
+    perm = aw.perm.to(torch.long) if aw.perm is not None else None
+    if _int8_symmetric(aw):
+        w8 = (codes.to(torch.int16) - 128).to(torch.int8).contiguous()
+        return Int8Packed(w8, aw.scale[:, 0].to(torch.bfloat16).contiguous(), perm, codes.device)
+
+    n_groups = aw.scale.shape[1]
+    if n_groups * aw.group < k or (n_groups - 1) * aw.group >= k:
+        raise NotEligible(f"{n_groups} groups of {aw.group} do not cover {k} input columns")
+    kg, k_pad = _kernel_group(aw.group, n_groups, k)
+    repeat = aw.group // kg if n_groups > 1 else k_pad // kg
+    n_pad = -(-n_out // N_BLOCK) * N_BLOCK
+    scale = aw.scale.double()
+    bias = _bias_of(aw)
+    # rows in chunks (a multiple of the kernel's 64-row blocks packs the same bytes as the whole): the
+    # int32 codes the packer takes would otherwise cost 4 bytes a weight per plane at load
+    step = max(64, PACK_CHUNK_ELEMS // (k_pad * planes) // 64 * 64)
+    packed, zeros = [], []
+    for r in range(0, n_out, step):
+        e = min(r + step, n_out)
+        p, z = _pack_rows(codes[r:e], scale[r:e], bias[r:e], k_pad, n_groups, planes,
+                          extra_rows=n_pad - n_out if e == n_out else 0)
+        packed.append(p)
+        zeros.append(z)
+    zero = torch.cat(zeros)
+    if n_pad != n_out:
+        scale = F.pad(scale, (0, 0, 0, n_pad - n_out))
+        zero = F.pad(zero, (0, 0, 0, n_pad - n_out))
+    # scales and zeros [planes * groups, N, 2]: plane p has scale 16^p * s, and plane 0 alone the zero
+    sz = [torch.stack([scale * 16 ** p, zero if p == 0 else torch.zeros_like(zero)], -1) for p in range(planes)]
+    sz = torch.cat(sz, 1).repeat_interleave(repeat, dim=1).transpose(0, 1)
+    return Int4Packed(torch.cat(packed), sz.to(torch.bfloat16).contiguous(), kg, n_out, k, k_pad, planes, perm,
+                      codes.device)
+
+
+def _pack_rows(codes, scale, bias, k_pad, n_groups, planes, extra_rows=0):
+    """(int4pack bytes of these rows' planes, their zero offsets [rows, groups]).
+
+    The kernel computes sum_p (c_p - 8) * 16^p * s + zero over the planes' 4-bit codes c_p. Each group's
+    codes are written u = o + v, v in balanced base-16 digits d_p = c_p - 8 in [-8, 7], with the integer
+    o as close as the codes' range allows to the format's own zero point: then zero = bias + o * s is
+    small (0 for symmetric codes) and so are the digits, which keeps the bfloat16 roundings of s and of
+    the zero small against the weights (2-bit codes end up centred, and 8-bit symmetric codes do not
+    carry a constant 136 * s)."""
+    rows, k = codes.shape
+    lo_v = -sum(8 * 16 ** p for p in range(planes))
+    hi_v = sum(7 * 16 ** p for p in range(planes))
+    u = codes.to(torch.int16, memory_format=torch.contiguous_format)   # 12-bit codes and digits fit
+    if k_pad != k:
+        u = torch.cat([u, u[:, -1:].expand(rows, k_pad - k)], 1)   # repeat a real code: min/max unchanged
+    u = u.view(rows, n_groups, -1)
+    umin, umax = u.amin(-1).to(torch.int32), u.amax(-1).to(torch.int32)
+    target = torch.where(scale != 0, -bias / scale.where(scale != 0, 1), 0).round().clamp(-(1 << 20), 1 << 20)
+    o = torch.maximum(torch.minimum(target.to(torch.int32), umin - lo_v), umax - hi_v)
+    v = (u - (o - 8).to(torch.int16).unsqueeze(-1)).view(rows, k_pad)       # v + 8
+    v[:, k:] = 8                              # padding: digits 0 (the input is 0 there anyway)
+    if extra_rows:
+        v = F.pad(v, (0, 0, 0, extra_rows), value=8)
+    digits = []
+    for p in range(planes):                   # v + 8 = sum_p (c_p - 8) * 16^p + 8
+        if p == planes - 1:
+            digits.append(v)                  # in 0..15: the range check on o guarantees it
+            break
+        c = v & 15
+        digits.append(c)
+        v = ((v - c) >> 4) + 8
+    packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(torch.cat(digits, 1).to(torch.int32), 1)
+    return packed, bias + o.double() * scale
+
+
+def attach_fast(qt, affine_of) -> object:
+    """Repack `qt` once (called from a scheme's prepare_runtime): `affine_of(qt)` returns its
+    AffineWeight or raises NotEligible. The QTensor comes back with meta[FAST_KEY] set to the kernel,
+    or meta[SKIP_KEY] to the reason; its data (what encode() and dequantize() read) is untouched."""
+    if not _enabled or qt.is_meta:
+        return qt
+    meta = {k: v for k, v in qt.meta.items() if k not in (FAST_KEY, SKIP_KEY)}
+    try:
+        if qt.device.type != "cpu":
+            raise NotEligible(f"packed kernels are used on CPU only (weight on {qt.device.type})")
+        meta[FAST_KEY] = pack(affine_of(qt))
+    except NotEligible as e:
+        meta[SKIP_KEY] = str(e)
+    return type(qt)(qt.scheme, qt.data, qt.shape, qt.dtype, meta)
+
+
+class FastLinear:
+    """Mixin for a Scheme (listed before Scheme in its bases) whose weights map onto the packed kernels:
+    it implements `affine_weight(qt) -> AffineWeight` (or raises NotEligible) and gets prepare_runtime
+    and linear. A scheme that defines its own `linear` calls `fast_linear` at its top instead."""
+
+    def affine_weight(self, qt) -> AffineWeight:
+        raise NotEligible(f"{type(self).__name__} has no packed form")
+
+    def prepare_runtime(self, qt):
+        return attach_fast(qt, self.affine_weight)
+
+    def linear(self, x, qt, bias):
+        y = fast_linear(x, qt, bias)
+        return super().linear(x, qt, bias) if y is None else y
+
+
+def group_order(g_idx: torch.Tensor | None, n_in: int, group: int) -> torch.Tensor | None:
+    """The input-column order that makes the groups contiguous: None when g_idx is absent or already
+    i // group; the stable sort of g_idx when every group then holds `group` columns (GPTQ act-order);
+    NotEligible otherwise."""
+    if g_idx is None:
+        return None
+    g = g_idx.to(torch.long)
+    natural = torch.arange(n_in, device=g.device) // group
+    if torch.equal(g, natural):
+        return None
+    order = torch.sort(g, stable=True).indices
+    if not torch.equal(g[order], natural):
+        raise NotEligible(f"g_idx does not put {group} input columns in each group")
+    return order
+
+
+def fast_linear(x: torch.Tensor, qt, bias: torch.Tensor | None) -> torch.Tensor | None:
+    """y = x @ W^T + b through the packed kernel, or None when the exact path must run (switched off,
+    not packed, another device, too many rows, autograd, not a float input)."""
+    kernel = qt.meta.get(FAST_KEY) if _enabled else None
+    if kernel is None or x.device != kernel.device or not x.is_floating_point():
+        return None
+    if x.numel() > kernel.max_rows * kernel.n_in or x.shape[-1] != kernel.n_in:
+        return None
+    if torch.is_grad_enabled() and (x.requires_grad or (bias is not None and bias.requires_grad)):
+        return None
+    return kernel(x, bias)
+
+
+def grid_codes(table: torch.Tensor, max_code: int) -> tuple[torch.Tensor, float]:
+    """A float lookup table (NF4, FP4) rounded to the integer grid -max_code..max_code scaled to its
+    largest magnitude: (signed codes [len(table)] int32, step), table[c] ~= codes[c] * step within step / 2."""
+    step = float(table.abs().max()) / max_code
+    return torch.round(table.double() / step).to(torch.int32), step
