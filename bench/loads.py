@@ -65,16 +65,24 @@ def greedy_decode(model, ids, n: int = DECODE_TOKENS) -> dict:
 
 
 # --- the two sides' imports and byte counts -------------------------------------------------------
-def _import_quantload():
+def _import_transformers_core():
+    """What every load needs from transformers, imported before the clock on BOTH sides: the model
+    base class pulls in ~4 s of modules (core_model_loading, integrations) that bitsandbytes' import
+    happens to load on the alternative's side, so without this the quantload side would pay them inside
+    its timed load and the transformers side outside."""
     import torch  # noqa: F401
-    import transformers  # noqa: F401  (quantload builds transformers models: same baseline as the alternative)
+    import transformers  # noqa: F401
+    import transformers.modeling_utils  # noqa: F401
     from transformers import AutoModelForCausalLM  # noqa: F401
+
+
+def _import_quantload():
+    _import_transformers_core()  # quantload builds transformers models: same baseline as the alternative
     import quantload  # noqa: F401
 
 
 def _import_transformers(bnb: bool = False):
-    import torch  # noqa: F401
-    from transformers import AutoModelForCausalLM  # noqa: F401
+    _import_transformers_core()
     if bnb:
         import bitsandbytes  # noqa: F401
 
