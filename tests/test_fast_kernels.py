@@ -174,6 +174,15 @@ def test_loads_while_switched_off_do_not_repack():
     assert torch.equal(scheme.linear(x, prepared, None), F.linear(x, qt.dequantize(torch.float32)))
 
 
+def test_off_by_default_and_on_by_environment():
+    code = "import quantload.runtime.kernels as k; print(k.fast_kernels_enabled())"
+    for env, expected in (({}, "False"), ({"QUANTLOAD_FAST_KERNELS": "1"}, "True"),
+                          ({"QUANTLOAD_FAST_KERNELS": "1", "QUANTLOAD_EXACT": "1"}, "False")):
+        out = subprocess.run([sys.executable, "-c", code], env={**env, "OMP_NUM_THREADS": "1"},
+                             capture_output=True, text=True, check=True).stdout
+        assert out.strip() == expected, env
+
+
 def test_environment_variable_starts_exact():
     code = "import quantload.runtime.kernels as k; print(k.fast_kernels_enabled())"
     out = subprocess.run([sys.executable, "-c", code], env={"QUANTLOAD_EXACT": "1", "OMP_NUM_THREADS": "1"},

@@ -29,9 +29,10 @@ decode and short prompts; larger batches dequantize once and use the BLAS matmul
 kernel costs rows x planes; a float dequantize does not grow with the rows). Outside autograd, and on
 the device the weight was packed on. Everything else takes the scheme's exact path (dequantize, then F.linear).
 
-The switch: `set_fast_kernels(False)` (or QUANTLOAD_EXACT=1 in the environment at import) makes every
-QLinear take the exact path again, bit for bit the dequantize-then-matmul result; with the switch off
-at load time nothing is repacked at all (no extra memory).
+The switch: the kernels are OFF by default (exact numerics first). `set_fast_kernels(True)` before a
+load (or QUANTLOAD_FAST_KERNELS=1 in the environment at import) repacks eligible weights at load and
+uses them; `set_fast_kernels(False)` makes every QLinear take the exact path again, bit for bit the
+dequantize-then-matmul result; with the switch off at load time nothing is repacked (no extra memory).
 """
 from __future__ import annotations
 
@@ -51,13 +52,18 @@ MAX_FAST_ROWS = 16           # input rows up to which the kernels beat dequantiz
 MAX_PLANES = 3               # codes of up to 12 bits
 PACK_CHUNK_ELEMS = 1 << 20   # codes repacked per step at load (bounds the temporaries)
 
-_enabled = os.environ.get("QUANTLOAD_EXACT", "").strip().lower() in ("", "0", "false", "no")
+# Off by default: quantload's default promise is the defining tool's numerics (greedy text equal to
+# transformers + bitsandbytes / compressed-tensors / llama.cpp's reference dequantization). The packed
+# kernels compute in bfloat16 and NF4/FP4 go through an integer grid, so they are opt-in:
+# set_fast_kernels(True) or QUANTLOAD_FAST_KERNELS=1 (QUANTLOAD_EXACT=1 forces them off).
+_enabled = (os.environ.get("QUANTLOAD_FAST_KERNELS", "").strip().lower() in ("1", "true", "yes")
+            and os.environ.get("QUANTLOAD_EXACT", "").strip().lower() in ("", "0", "false", "no"))
 
 
 def set_fast_kernels(enabled: bool) -> bool:
     """Turn the packed kernels on or off for every quantized Linear; returns the previous setting.
     Off: every layer runs the exact path (dequantize, then F.linear), and loads made while off do not
-    repack. QUANTLOAD_EXACT=1 in the environment starts the process with them off."""
+    repack. They start off; QUANTLOAD_FAST_KERNELS=1 in the environment starts the process with them on."""
     global _enabled
     previous, _enabled = _enabled, bool(enabled)
     return previous

@@ -54,6 +54,19 @@ def int8_matmul_exact(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return torch.bmm(a3, b3).to(torch.int32).sum(0, dtype=torch.int32)
 
 
+_BNB_USES_INT_MM = torch.backends.cpu.get_cpu_capability() == "AVX512"
+
+
+def int8_matmul_like_bnb(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """The int32 product exactly as bitsandbytes computes it on this machine, so LLM.int8 layers give
+    transformers + bitsandbytes' outputs bit for bit (greedy text included). bnb's CPU backend uses
+    torch._int_mm (exact) only with AVX-512; elsewhere its default backend multiplies in float32 and
+    truncates to int32, which rounds sums past 2^24 once in_features exceeds ~1040. On CUDA bnb is exact."""
+    if a.device.type != "cpu" or _BNB_USES_INT_MM:
+        return int8_matmul_exact(a, b)
+    return torch.matmul(a.float(), b.float().t()).to(torch.int32)
+
+
 class Bnb8Scheme(Scheme):
     """bitsandbytes LLM.int8 with int8 weights (has_fp16_weights=False, the only inference layout)."""
 
@@ -144,8 +157,8 @@ class Bnb8Scheme(Scheme):
         column: its values are left out of the int8 product and added back in the input dtype against
         the dequantized weight columns. int32 accumulation, then bnb's dequant:
         acc * (SCA * SCB) * 6.200124e-05 (+ bias) in float32, cast to the input dtype.
-        Matches bnb's CPU kernels bit for bit while their float32 product is exact (in_features <= 1040);
-        beyond that bnb's CPU fallback rounds the int32 sums and ours stays exact (CUDA/AVX512 bnb agree)."""
+        The int32 product is computed as bnb does on this machine (int8_matmul_like_bnb), so the output
+        equals bnb's bit for bit."""
         y = kernels.fast_linear(x, qt, bias)
         if y is not None:
             return y
@@ -166,7 +179,7 @@ class Bnb8Scheme(Scheme):
         ca, sca = int8_rowwise_quantize(a16)
         if outlier_cols is not None:
             ca[:, outlier_cols] = 0
-        acc = int8_matmul_exact(ca, cb)
+        acc = int8_matmul_like_bnb(ca, cb)
         out = acc * (sca.view(-1, 1) * scb.view(1, -1)) * MM_DEQUANT_SCALE
         if bias is not None:
             out += bias.to(x.dtype)
