@@ -115,9 +115,11 @@ def _hf_bytes(model) -> int:
     return total
 
 
-def _ql_load(path, **kw):
+def _ql_load(path, fast_kernels: bool = False, **kw):
     def load():
         import quantload
+        from quantload.runtime import kernels
+        kernels.set_fast_kernels(fast_kernels)  # opt-in packed bf16 kernels (decode cases), repacked at load
         return quantload.load(path, progress=False, **kw)
     return load
 
@@ -143,13 +145,13 @@ def ql_nf4_prequantized() -> dict:
 
 def ql_nf4_decode() -> dict:
     """Float32 compute (this CPU has no fast bf16 matmul); the NF4 checkpoint stores compute dtype float32."""
-    return _measure(_import_quantload, _ql_load(inputs.nf4_dir(), dtype="float32"), _quantload_bytes,
-                    decode=True)
+    return _measure(_import_quantload, _ql_load(inputs.nf4_dir(), fast_kernels=True, dtype="float32"),
+                    _quantload_bytes, decode=True)
 
 
 def ql_int4() -> dict:
-    return _measure(_import_quantload, _ql_load(inputs.bf16_dir(), quantize="int4", dtype="float32"),
-                    _quantload_bytes, decode=True)
+    return _measure(_import_quantload, _ql_load(inputs.bf16_dir(), quantize="int4", fast_kernels=True,
+                                                dtype="float32"), _quantload_bytes, decode=True)
 
 
 def ql_dense() -> dict:
