@@ -316,3 +316,13 @@ def test_tiny_model_logits_fast_vs_exact(tiny_checkpoint, quantize, kind):
     print(f"{kind}: max |diff| {d.max():.2e}, mean {d.mean():.2e}, logits std {exact.std():.2e}")
     assert d.mean() < 0.01 * exact.std()
     assert d.max() < 0.1 * exact.std()
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_precision_inputs_keep_their_dtype(dtype):
+    scheme, qt = _ct_int4(symmetric=True)
+    prepared = scheme.prepare_runtime(qt)
+    x = torch.randn(3, qt.shape[1]).to(dtype)
+    y = scheme.linear(x, prepared, None)
+    assert y.dtype == dtype and torch.equal(y, prepared.meta[kernels.FAST_KEY](x, None))
+    assert_within_tolerance(y, x, qt.dequantize(torch.float32))
