@@ -3,16 +3,18 @@ model and transformers + bitsandbytes NF4, all in one process, measured alternat
 
     python -m bench.decode [--threads 1 2] [--tokens 16] [--repeats 3] [--models dense,int4,nf4,gguf,hf-nf4]
 
-Every quantized model runs twice per round, with the fast kernels and with the exact path
+The kernels are opt-in: they are switched on before the loads (so eligible weights are repacked), then
+every quantized model runs twice per round, with the fast kernels and with the exact path
 (`set_fast_kernels(False)`: dequantize, then F.linear). Tokens/s is the median over the rounds of a
 greedy decode of --tokens new tokens (after one warm-up per model). Ratios are taken within one thread
 count of this run only: on a shared machine the absolute figures move with the load.
 
 It also measures what the fast path changes: the logits of the 32 next-token predictions of a greedy
 decode (the exact path's tokens fed to both paths, one token a step as in decoding) against the exact
-path's, and whether the two greedy decodes give the same tokens. The models (SmolLM2-135M-Instruct): the bf16 checkpoint quantized while
-loading with quantize="int4" (compressed-tensors, group 128) and quantize="nf4", the GGUF Q4_1 file
-(its tied output layer is Q8_0), and the transformers + bitsandbytes NF4 checkpoint of bench/inputs.py.
+path's, and whether the two greedy decodes give the same tokens. The models (SmolLM2-135M-Instruct):
+the bf16 checkpoint quantized while loading with quantize="int4" (compressed-tensors, group 128) and
+quantize="nf4", the GGUF Q4_1 file (its tied output layer is Q8_0), and the transformers +
+bitsandbytes NF4 checkpoint of bench/inputs.py.
 """
 from __future__ import annotations
 
@@ -121,6 +123,7 @@ def main(argv=None) -> dict:
     ids = tok(inputs.PROMPT, return_tensors="pt")["input_ids"]
 
     models, out = {}, {"threads": {}, "logits": {}, "packed": {}, "tokens_same": {}}
+    kernels.set_fast_kernels(True)            # opt-in: on while loading, so eligible weights are repacked
     for name in names:
         t0 = time.perf_counter()
         models[name] = load_model(name)
