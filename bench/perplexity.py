@@ -1,7 +1,7 @@
 """Perplexity of SmolLM2-135M-Instruct on a few thousand tokens of English text, for several ways of
 loading it with quantload (bf16 reference, int4 group 128, NF4, GGUF Q4_1).
 
-    .venv/bin/python bench/perplexity.py [--text FILE] [--tokens 4096]
+    .venv/bin/python -m bench.perplexity [--text FILE] [--tokens 4096]
 
 The default text is the GPL-3 licence shipped by Debian (/usr/share/common-licenses/GPL-3): plain English,
 present on every machine of this project, never used to train the quantizers.
