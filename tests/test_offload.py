@@ -77,9 +77,10 @@ def test_nonexistent_device(tmp_path):
 
 RSS_PROBE = r"""
 import json, resource, sys, torch, quantload
+from quantload.report import peak_rss_bytes  # VmHWM: ru_maxrss would carry pytest's size across exec
 path, mode, folder, budget = sys.argv[1:5]
 tok = quantload.load_tokenizer(path)
-base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+base = peak_rss_bytes()
 kw = dict(dtype="float32", progress=False)
 if mode == "whole":
     m = quantload.load(path, **kw)
@@ -87,7 +88,7 @@ else:
     m = quantload.load(path, device_map="auto", max_memory={"cpu": int(budget)}, offload_folder=folder, **kw)
 ids = tok("The capital of France is", return_tensors="pt").input_ids
 out = m.generate(ids, max_new_tokens=8, do_sample=False)[0, ids.shape[1]:].tolist()
-peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+peak = peak_rss_bytes()
 largest = max(p.numel() * 4 for p in quantload.load(path, **kw).parameters()) if mode != "whole" else 0
 print(json.dumps({"tokens": out, "base": base, "peak": peak, "weights": m.load_report.model_bytes,
                   "largest": largest}))
