@@ -14,10 +14,8 @@ from quantload.runtime.modules import QEmbedding, QLinear
 
 sys.path.insert(0, os.path.dirname(__file__))
 import realmodels  # noqa: E402
-from test_architectures import ARCHS, write_tiny  # noqa: E402
-
-PROMPTS = ["The capital of France is", "def fibonacci(n):", "Once upon a time, in a small village,"]
-
+from test_architectures import ARCHS, tiny_files  # noqa: E402,F401  (the tiny GGUF files, one per arch)
+from test_interchange_bnb import PROMPTS, greedy  # noqa: E402
 
 @pytest.fixture(scope="module")
 def gguf_path():
@@ -32,16 +30,6 @@ def ours(gguf_path):
 @pytest.fixture(scope="module")
 def tok(gguf_path):
     return quantload.load_tokenizer(gguf_path)
-
-
-def greedy(model, tok, n=12):
-    out = []
-    for p in PROMPTS:
-        ids = tok(p, return_tensors="pt").input_ids
-        with torch.inference_mode():
-            g = model.generate(ids, max_new_tokens=n, do_sample=False, pad_token_id=tok.eos_token_id)
-        out.append(g[0, ids.shape[1]:].tolist())
-    return out
 
 
 def test_weights_stay_in_their_blocks(ours, gguf_path):
@@ -77,18 +65,6 @@ def test_cli_generate_default_model(capsys):
     out, err = capsys.readouterr()
     assert out.strip()
     assert "loaded" in err and "peak RSS" in err
-
-
-@pytest.fixture(scope="module")
-def tiny_files(tmp_path_factory):
-    root = tmp_path_factory.mktemp("tiny_gguf_models")
-    rng = np.random.default_rng(1)
-    paths = {}
-    for key, p in ARCHS.items():
-        (root / key).mkdir()
-        paths[key] = root / key / f"{key}.gguf"
-        write_tiny(paths[key], p, rng)
-    return paths
 
 
 @pytest.mark.parametrize("key", list(ARCHS))
