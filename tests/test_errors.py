@@ -1,4 +1,3 @@
-import pytest
 
 from quantload.errors import FileFormatError, QuantloadError
 

@@ -15,7 +15,7 @@ from quantload.runtime.modules import QEmbedding, QLinear
 sys.path.insert(0, os.path.dirname(__file__))
 import realmodels  # noqa: E402
 from test_architectures import ARCHS, tiny_files  # noqa: E402,F401  (the tiny GGUF files, one per arch)
-from test_interchange_bnb import PROMPTS, greedy  # noqa: E402
+from test_interchange_bnb import greedy  # noqa: E402
 
 @pytest.fixture(scope="module")
 def gguf_path():

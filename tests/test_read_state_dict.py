@@ -1,7 +1,6 @@
 """read_state_dict decodes every fixture with the transformers-style config from its json, no model."""
 import json
 
-import pytest
 import torch
 from safetensors.torch import load_file
 

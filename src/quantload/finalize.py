@@ -87,7 +87,7 @@ def finalize(model: nn.Module, *, spec, report: LoadReport, weights, file: str,
     unexpected = weights.unconsumed() if weights is not None else []
     report.unexpected_keys = [k for k in unexpected if not any(k.endswith(s) for s in ignorable_unexpected)]
     report.companion_keys = weights.consumed_companions() if weights is not None else 0
-    seen, total, devices, counts = set(), 0, {}, {}
+    seen, devices, counts = set(), {}, {}
     for name, mod in qtensors_of(model):
         counts[mod.scheme.name] = counts.get(mod.scheme.name, 0) + 1
         if id(mod.qweight.data) in seen or mod.qweight.is_meta:

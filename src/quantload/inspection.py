@@ -1,7 +1,6 @@
 """inspect and plan: what a checkpoint holds and where it would go, without loading weights."""
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass, field
 
 from .sources import open_source

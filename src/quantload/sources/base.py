@@ -5,7 +5,7 @@ against the file size, before anything is allocated) and read a tensor's bytes o
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Iterator
 
 import torch

@@ -6,7 +6,6 @@ read whole. Prefer safetensors for untrusted input: torch's zip reader is less s
 """
 from __future__ import annotations
 
-import os
 import pickle
 
 import torch
