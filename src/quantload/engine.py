@@ -2,28 +2,42 @@
 
 For each quantized module the engine reads its pieces and decodes them (pre-quantized checkpoint) or
 reads the float weight and quantizes it on its target device; every other parameter is read, cast and
-placed. One tensor is in flight at a time, so the full-precision model never exists in memory; source
-bytes are memory-mapped and let go as soon as the result owns its storage.
+placed. A small pool of worker threads does the reading (page faults on the memory-mapped file), the
+decoding and the quantizing, so reads overlap with compute; the pool is bounded by the bytes in flight,
+not by a count, so the full-precision model never exists in memory. The main thread installs results in
+order. Source bytes are memory-mapped and let go as soon as the result owns its storage. Tensors bound
+for a CUDA device go through page-locked staging buffers (transfer.py).
 """
 from __future__ import annotations
 
+import collections
+import os
+import threading
 import time
+from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Callable
 
 import torch
 from torch import nn
 
-from .errors import MissingTensorError, ShapeMismatchError
+from .errors import ConfigError, MissingTensorError, ShapeMismatchError
 from .report import LoadReport
 from .runtime.modules import _QModule, qtensors_of
 from .schemes.base import QTensor
+from .transfer import Staging
+
+#: default cap on the bytes of weights being read / decoded / quantized at once
+DEFAULT_BYTES_IN_FLIGHT = 128 << 20
 
 
 class Weights:
     """Where the engine gets tensors from. Implementations: CheckpointWeights (safetensors / torch
-    files, model-named keys) and GGUFWeights (architectures/ maps GGUF names to the model's)."""
+    files, model-named keys) and GGUFWeights (architectures/ maps GGUF names to the model's).
+    `qtensor` and `tensor` are called from the engine's worker threads, one call per parameter at a time
+    per thread: per-call state lives in `recent`, which is per thread."""
 
     source = None
+    _local = threading.local()
 
     def qtensor(self, module_name: str, mod: _QModule) -> QTensor | None:
         """The module's pre-quantized weight, or None when the checkpoint holds it in float."""
@@ -36,8 +50,15 @@ class Weights:
     def release(self, name: str) -> None:
         """`name` was consumed into a new tensor (quantized, cast): its source bytes may leave memory."""
 
-    #: (data_ptr, nbytes, file, file offset) of the source tensors read for the current parameter
-    recent: list = []
+    @property
+    def recent(self) -> list:
+        """(data_ptr, nbytes, file, file offset) of the source tensors this thread read for its current
+        parameter (what `locate` searches)."""
+        return self._local.__dict__.setdefault("recent", [])
+
+    @recent.setter
+    def recent(self, value: list) -> None:
+        self._local.recent = value
 
     def _remember(self, t: torch.Tensor, file: str, offset: int) -> None:
         if offset >= 0:
@@ -61,81 +82,158 @@ class Weights:
         return 0
 
 
+def load_workers() -> int:
+    """Worker threads for a load: QUANTLOAD_LOAD_WORKERS, else one per core up to 4 (torch kernels
+    release the GIL; more threads than cores only adds contention). 1 loads in the calling thread."""
+    env = os.environ.get("QUANTLOAD_LOAD_WORKERS")
+    if env:
+        try:
+            n = int(env)
+        except ValueError:
+            n = 0
+        if n < 1:
+            raise ConfigError(f"QUANTLOAD_LOAD_WORKERS must be a positive integer, got {env!r}")
+        return n
+    return max(1, min(4, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else
+                      (os.cpu_count() or 1)))
+
+
+class _Pipeline:
+    """Runs jobs on a thread pool, at most `budget` bytes of them at once (always at least one), and hands
+    results back in submission order."""
+
+    def __init__(self, workers: int, budget: int):
+        self.pool = ThreadPoolExecutor(workers, thread_name_prefix="quantload-load") if workers > 1 else None
+        self.budget = budget
+        self.pending: collections.deque[tuple[Future | tuple, int]] = collections.deque()
+        self.in_flight = 0
+
+    def submit(self, cost: int, fn, *args):
+        """Queue fn(*args); returns the results that had to finish first to make room (in order)."""
+        done = []
+        while self.pending and self.in_flight + cost > self.budget:
+            done.append(self._pop())
+        if self.pool is None:
+            self.pending.append(((fn(*args),), cost))
+        else:
+            self.pending.append((self.pool.submit(fn, *args), cost))
+        self.in_flight += cost
+        return done
+
+    def _pop(self):
+        job, cost = self.pending.popleft()
+        self.in_flight -= cost
+        return job[0] if isinstance(job, tuple) else job.result()
+
+    def drain(self):
+        while self.pending:
+            yield self._pop()
+
+    def close(self):
+        if self.pool is not None:
+            self.pool.shutdown(wait=True, cancel_futures=True)
+
+
 def load_weights(model: nn.Module, weights: Weights, *, dtype: torch.dtype,
                  device_of: Callable[[str], torch.device | str], report: LoadReport, progress=None,
-                 offloader=None) -> None:
+                 offloader=None, workers: int | None = None, bytes_in_flight: int | None = None) -> None:
     """Fill every meta parameter of `model` from `weights`. Raises before returning if anything the
     model needs is missing or mismatched: the caller never sees a half-loaded model.
     With an `offloader`, tensors placed on "disk" (or on "cpu" while computing on a GPU) go to it and
     the module keeps meta placeholders until its forward."""
     qmods = dict(qtensors_of(model))
+    params = [(n, p) for n, p in model.named_parameters() if p.is_meta]
     total = len(qmods) + sum(1 for _ in model.named_parameters())
     bar = progress(total) if progress else None
     t0 = time.perf_counter()
+    staging = Staging()
+    pipe = _Pipeline(workers or load_workers(), bytes_in_flight or DEFAULT_BYTES_IN_FLIGHT)
 
-    for name, mod in qmods.items():
-        wname = f"{name}.{mod.scheme.param_name}" if name else mod.scheme.param_name
-        where = str(device_of(wname))
+    def where_of(name: str) -> tuple[str, bool, torch.device]:
+        where = str(device_of(name))
         off = offloader is not None and offloader.is_offloaded(where)
-        dev = torch.device("cpu" if off else where)
+        return where, off, torch.device("cpu" if off else where)
+
+    # --- worker side: read, decode / quantize / cast, move; nothing here touches the model -------------
+    def quantized_job(name: str, mod: _QModule):
+        wname = f"{name}.{mod.scheme.param_name}" if name else mod.scheme.param_name
+        where, off, dev = where_of(wname)
         weights.recent = []
         qt = weights.qtensor(name, mod)
         if qt is None:
             w = weights.tensor(wname)
             if w is None:
-                report.missing_keys.append(wname)
-                continue
+                return ("missing", wname)
             if tuple(w.shape) != tuple(mod._logical_shape):
-                report.mismatched_keys.append(f"{wname}: checkpoint {tuple(w.shape)}, model "
-                                              f"{tuple(mod._logical_shape)}")
-                continue
+                return ("mismatch", f"{wname}: checkpoint {tuple(w.shape)}, model {tuple(mod._logical_shape)}")
             # quantize on the target device (fast on GPU), in the model dtype, then drop the float copy
-            w = w.to(device=dev, dtype=mod._logical_dtype if w.is_floating_point() else w.dtype)
+            w = staging.to(w, dev, mod._logical_dtype if w.is_floating_point() else w.dtype)
             qt = mod.scheme.quantize(w)
             del w
             weights.release(wname)
-        # sources are copy-on-write memory maps that stay valid after close: a CPU weight may keep
-        # viewing the file's bytes (zero copy, like llama.cpp), anything else moves to its device
-        for w in qt.meta.get("warnings", ()):
-            report.warnings.append(f"{name}: {w}")
+        refs = None
         if off:
-            mod.set_qweight(offloader.stash_qtensor(name, qt, where, {k: weights.locate(v)
-                                                                      for k, v in qt.data.items()}))
+            # sources are copy-on-write memory maps that stay valid after close: offloaded bytes that are
+            # unchanged in the file are referenced there instead of copied
+            refs = {k: weights.locate(v) for k, v in qt.data.items()}
         else:
-            qt = QTensor(qt.scheme, {k: v.to(dev) for k, v in qt.data.items()}, qt.shape, qt.dtype, qt.meta)
-            mod.set_qweight(qt.scheme.prepare_runtime(qt))
+            # a CPU weight may keep viewing the file's bytes (zero copy, like llama.cpp)
+            qt = QTensor(qt.scheme, {k: staging.to(v, dev) for k, v in qt.data.items()}, qt.shape, qt.dtype,
+                         qt.meta)
+            qt = qt.scheme.prepare_runtime(qt)
         weights.recent = []
-        if bar:
-            bar.update(1)
+        return ("q", name, mod, qt, where, off, refs)
 
-    for pname, p in list(model.named_parameters()):
-        if not p.is_meta:
-            if bar:
-                bar.update(1)
-            continue
+    def param_job(pname: str, p: torch.Tensor):
         weights.recent = []
         t = weights.tensor(pname)
         if t is None:
-            report.missing_keys.append(pname)
-            continue
+            return ("missing", pname)
         if tuple(t.shape) != tuple(p.shape):
-            report.mismatched_keys.append(f"{pname}: checkpoint {tuple(t.shape)}, model {tuple(p.shape)}")
-            continue
-        where = str(device_of(pname))
-        off = offloader is not None and offloader.is_offloaded(where)
-        target = p.dtype if p.is_floating_point() else t.dtype
-        converted = t.to(device="cpu" if off else torch.device(where), dtype=target)
+            return ("mismatch", f"{pname}: checkpoint {tuple(t.shape)}, model {tuple(p.shape)}")
+        where, off, dev = where_of(pname)
+        converted = staging.to(t, dev, p.dtype if p.is_floating_point() else t.dtype)
         unchanged = converted.data_ptr() == t.data_ptr()
-        if off:
-            _assign(model, pname, offloader.stash_param(pname, converted, where,
-                                                        weights.locate(converted) if unchanged else None))
-        else:
-            _assign(model, pname, nn.Parameter(converted, requires_grad=False))
+        ref = weights.locate(converted) if off and unchanged else None
         if not unchanged or off:
             weights.release(pname)
         weights.recent = []
+        return ("p", pname, converted, where, off, ref)
+
+    # --- main thread: install in order ------------------------------------------------------------------
+    def install(result) -> None:
+        kind = result[0]
+        if kind == "missing":
+            report.missing_keys.append(result[1])
+        elif kind == "mismatch":
+            report.mismatched_keys.append(result[1])
+        elif kind == "q":
+            _, name, mod, qt, where, off, refs = result
+            for w in qt.meta.get("warnings", ()):
+                report.warnings.append(f"{name}: {w}")
+            mod.set_qweight(offloader.stash_qtensor(name, qt, where, refs) if off else qt)
+        else:
+            _, pname, converted, where, off, ref = result
+            _assign(model, pname, offloader.stash_param(pname, converted, where, ref) if off
+                    else nn.Parameter(converted, requires_grad=False))
         if bar:
             bar.update(1)
+
+    try:
+        for name, mod in qmods.items():
+            cost = mod._logical_shape.numel() * _itemsize(mod._logical_dtype)
+            for r in pipe.submit(cost, quantized_job, name, mod):
+                install(r)
+        for pname, p in params:
+            for r in pipe.submit(p.numel() * p.element_size(), param_job, pname, p):
+                install(r)
+        for r in pipe.drain():
+            install(r)
+    finally:
+        pipe.close()
+        staging.close()
+    if bar:
+        bar.update(total - len(qmods) - len(params))
 
     # persistent buffers stored in the checkpoint (e.g. BatchNorm stats) overwrite their init values
     for bname, b in list(model.named_buffers()):
@@ -145,6 +243,10 @@ def load_weights(model: nn.Module, weights: Weights, *, dtype: torch.dtype,
     if bar:
         bar.close()
     report.seconds["load"] = time.perf_counter() - t0
+
+
+def _itemsize(dtype: torch.dtype) -> int:
+    return torch.empty((), dtype=dtype).element_size()
 
 
 def _assign(model: nn.Module, name: str, value: nn.Parameter) -> None:
