@@ -88,3 +88,16 @@ def test_unknown_architecture_is_named(tmp_path):
     w.write_header_to_file(); w.write_kv_data_to_file(); w.write_tensors_to_file(); w.close()
     with pytest.raises(quantload.UnsupportedError, match="mamba9"):
         quantload.load(tmp_path / "x.gguf", progress=False)
+
+
+def test_tied_quantized_head_follows_its_offloaded_embedding(gguf_path, ours, tmp_path):
+    """SmolLM2 ties lm_head to the Q4_1 token table: with the table on disk the head reads the same stash."""
+    off = quantload.load(gguf_path, dtype=torch.float32, device_map={"": "cpu", "model.embed_tokens": "disk",
+                                                                   "lm_head": "disk"},
+                         offload_folder=tmp_path / "off", progress=False)
+    assert off.lm_head.qweight.is_meta and off.model.embed_tokens.qweight.is_meta  # between forwards
+    refs = off.offloader.qweights
+    assert refs["lm_head"] is refs["model.embed_tokens"]  # one stash, pointing into the GGUF file
+    ids = torch.tensor([[1, 504, 3458, 282, 4649, 314]])
+    with torch.no_grad():
+        assert torch.equal(ours(ids).logits, off(ids).logits)

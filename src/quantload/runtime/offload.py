@@ -143,7 +143,7 @@ class Offloader:
         if self.store is not None:
             self.store.flush()
         self.model = model
-        self._share_tied(model)
+        self.share_tied(model)
         no_split = set(getattr(model, "_no_split_modules", None) or ())
         units: list[str] = []
         for u, d in self.plan.device_map.items():
@@ -177,18 +177,22 @@ class Offloader:
             out.extend(self._expand(model, f"{unit}.{name}" if unit else name, no_split))
         return out
 
-    def _share_tied(self, model: nn.Module) -> None:
+    def share_tied(self, model: nn.Module) -> None:
         """A tied parameter (lm_head.weight is embed_tokens.weight) was stashed once: every module that
-        holds the same placeholder gets the same storage reference."""
+        holds the same placeholder gets the same storage reference. The same for a quantized table: a
+        GGUF lm_head tied to an offloaded QEmbedding holds its placeholder QTensor (finalize ties them)."""
         by_id = {}
         for owner, attrs in self.params.items():
             m = model.get_submodule(owner)
             for attr, ref in attrs.items():
                 by_id[id(m._parameters[attr])] = ref
+        q_by_id = {id(model.get_submodule(owner).qweight): kept for owner, kept in self.qweights.items()}
         for name, m in model.named_modules():
             for attr, p in m._parameters.items():
                 if p is not None and id(p) in by_id and attr not in self.params.get(name, {}):
                     self.params.setdefault(name, {})[attr] = by_id[id(p)]
+            if isinstance(m, _QModule) and name not in self.qweights and id(m.qweight) in q_by_id:
+                self.qweights[name] = q_by_id[id(m.qweight)]
 
     def _materialize(self, i: int) -> dict:
         got = {}
