@@ -67,6 +67,8 @@ def finalize(model: nn.Module, *, spec, report: LoadReport, weights, file: str,
              ignorable_unexpected=(), offloader=None) -> nn.Module:
     tie_weights(model, report)
     raise_if_incomplete(report, file)
+    if offloader is not None:
+        offloader.share_tied(model)  # before the checks: a tied head may hold an offloaded placeholder
     offloaded = offloader.offloaded_names() if offloader is not None else set()
     for name, p in model.named_parameters():
         if p.is_meta and name.rpartition(".")[0] not in offloaded:
