@@ -93,7 +93,7 @@ def packed_summary(model) -> dict:
         if not isinstance(mod, QLinear):
             continue
         k = mod.qweight.meta.get(kernels.FAST_KEY)
-        label = k.describe() if k is not None else "exact: " + mod.qweight.meta.get(kernels.SKIP_KEY, "not packed")
+        label = k.describe() if k is not None else "exact: " + (mod.qweight.meta.get(kernels.SKIP_KEY) or "not packed")
         kinds[label] = kinds.get(label, 0) + 1
     seen = set()
     for _, mod in qtensors_of(model):
@@ -132,9 +132,9 @@ def main(argv=None) -> dict:
     for name in names:
         quantized = name not in ("dense", "hf-nf4")
         variants += [(name, "fast"), (name, "exact")] if quantized else [(name, "-")]
-        if quantized:
-            out["packed"][name] = packed_summary(models[name])
+        if quantized:   # weights are repacked on their first fast forward: summarize after one
             out["logits"][name] = logits_diff(models[name], ids, 32)
+            out["packed"][name] = packed_summary(models[name])
     torch.set_num_threads(a.threads[0])
     for name, path in variants:                          # warm-up (first-call costs)
         kernels.set_fast_kernels(path != "exact")

@@ -38,9 +38,9 @@ FIXTURE_KERNELS = {
     "gptq_v1_b4_g128_sym": "int4pack g128",
     "gptq_v1_b8_g-1_sym": "int8pack",
     "bnb_int8_96x256_float16": "int8pack",
-    "bnb_nf4_dq_96x256_bfloat16": "int4pack g64 x2 planes",
-    "bnb_nf4_nodq_96x256_bfloat16": "int4pack g64 x2 planes",
-    "bnb_fp4_nodq_96x256_bfloat16": "int4pack g64 x2 planes",
+    "bnb_nf4_dq_96x256_bfloat16": "int8pack",
+    "bnb_nf4_nodq_96x256_bfloat16": "int8pack",
+    "bnb_fp4_nodq_96x256_bfloat16": "int8pack",
 }
 NOT_ELIGIBLE = {"bnb_nf4_nodq_7x9_float16": "do not tile the rows", "hqq_b4_g64_axis1": None,
                 "quanto_qint4": None}
@@ -72,12 +72,12 @@ def _fixture_qtensor(fixtures_dir, name):
 
 
 def _grid_error(qt) -> torch.Tensor | None:
-    """Half a grid step times the block absmax, per weight (NF4/FP4), else None."""
+    """NF4/FP4 are requantized to int8 per row: half a step, the row's largest |w| / 127 rounded up to a
+    bfloat16 (at most 2^-7 more), per weight; else None."""
     if not isinstance(qt.scheme, bnb4.Bnb4Scheme):
         return None
-    _, step = bnb4._lut_grid(qt.meta["quant_type"], qt.device, bnb4.LUT_GRID_PLANES)
-    absmax = qt.scheme.block_absmax(qt).double().repeat_interleave(qt.meta["blocksize"])
-    return (absmax * step / 2).view(qt.shape)
+    rowmax = qt.scheme.block_absmax(qt).double().view(qt.shape[0], -1).amax(1, keepdim=True)
+    return (rowmax / 127 * (1 + 2.0 ** -7) / 2).expand(qt.shape)
 
 
 def assert_within_tolerance(y_fast, x, w, grid=None):
@@ -113,7 +113,7 @@ def test_fixture_packs_keeps_bytes_and_stays_close(fixtures_dir, name):
     before = {k: v.clone() for k, v in qt.encode().items()}
     w = qt.dequantize(torch.float32)
     prepared = qt.scheme.prepare_runtime(qt)
-    kernel = prepared.meta[kernels.FAST_KEY]
+    kernel = kernels.packed_kernel(prepared)
     assert kernel.describe() == FIXTURE_KERNELS[name]
     # the checkpoint bytes and the exact weight are untouched
     after = prepared.encode()
@@ -134,7 +134,7 @@ def test_fixture_packs_keeps_bytes_and_stays_close(fixtures_dir, name):
 def test_formats_without_a_kernel_keep_the_exact_path(fixtures_dir, name):
     qt = _fixture_qtensor(fixtures_dir, name)
     prepared = qt.scheme.prepare_runtime(qt)
-    assert kernels.FAST_KEY not in prepared.meta
+    assert kernels.packed_kernel(prepared) is None and kernels.FAST_KEY not in prepared.meta
     if NOT_ELIGIBLE[name]:
         assert NOT_ELIGIBLE[name] in prepared.meta[kernels.SKIP_KEY]
     x = torch.randn(3, qt.shape[1])
@@ -168,7 +168,7 @@ def test_loads_while_switched_off_do_not_repack():
     scheme, qt = _ct_int4()
     kernels.set_fast_kernels(False)
     prepared = scheme.prepare_runtime(qt)
-    assert kernels.FAST_KEY not in prepared.meta and kernels.SKIP_KEY not in prepared.meta
+    assert not {kernels.FAST_KEY, kernels.SKIP_KEY, kernels.PENDING_KEY} & set(prepared.meta)
     kernels.set_fast_kernels(True)
     x = torch.randn(2, qt.shape[1])
     assert torch.equal(scheme.linear(x, prepared, None), F.linear(x, qt.dequantize(torch.float32)))
@@ -200,7 +200,7 @@ def test_large_batches_grad_and_other_devices_take_the_exact_path():
     small = torch.randn(kernels.MAX_FAST_ROWS, qt.shape[1])
     assert kernels.fast_linear(small, prepared, None) is not None
     two_planes = gguf_scheme(8).prepare_runtime(gguf_scheme(8).quantize(torch.randn(32, 64)))
-    assert two_planes.meta[kernels.FAST_KEY].max_rows == kernels.MAX_FAST_ROWS // 2
+    assert kernels.packed_kernel(two_planes).max_rows == kernels.MAX_FAST_ROWS // 2
     assert kernels.fast_linear(torch.randn(kernels.MAX_FAST_ROWS // 2 + 1, 64), two_planes, None) is None
     needs_grad = torch.randn(2, qt.shape[1], requires_grad=True)
     assert kernels.fast_linear(needs_grad, prepared, None) is None
@@ -213,6 +213,7 @@ def test_large_batches_grad_and_other_devices_take_the_exact_path():
 def test_group_sizes_the_kernel_cannot_take_fall_back():
     scheme, qt = _ct_int4(group=16)
     prepared = scheme.prepare_runtime(qt)
+    assert kernels.packed_kernel(prepared) is None
     assert "group size 16 is not a multiple of 32" in prepared.meta[kernels.SKIP_KEY]
     x = torch.randn(2, qt.shape[1])
     assert torch.equal(scheme.linear(x, prepared, None), F.linear(x, qt.dequantize(torch.float32)))
@@ -237,10 +238,10 @@ def test_gptq_shapes_and_groups(n_out, n_in, group, kind):
     scheme = GPTQScheme(4, group, sym=False)
     qt = scheme.decode(pieces, shape=(n_out, n_in))
     prepared = scheme.prepare_runtime(qt)
-    assert prepared.meta[kernels.FAST_KEY].describe() == kind
+    assert kernels.packed_kernel(prepared).describe() == kind
     x = torch.randn(5, n_in, generator=g)
     assert_within_tolerance(scheme.linear(x, prepared, None), x, qt.dequantize(torch.float32))
-    assert_kernel_weight_matches(prepared.meta[kernels.FAST_KEY], qt.dequantize(torch.float32))
+    assert_kernel_weight_matches(kernels.packed_kernel(prepared), qt.dequantize(torch.float32))
 
 
 def test_gptq_act_order_permutes_the_inputs():
@@ -254,15 +255,17 @@ def test_gptq_act_order_permutes_the_inputs():
     qt = scheme.decode({"qweight": pack_stream(q, 4, dim=0), "qzeros": pack_stream(z, 4, dim=1), "scales": scales,
                         "g_idx": g_idx}, shape=(n_out, n_in))
     prepared = scheme.prepare_runtime(qt)
-    assert prepared.meta[kernels.FAST_KEY].perm is not None
+    assert kernels.packed_kernel(prepared).perm is not None
     x = torch.randn(3, n_in, generator=g)
     assert_within_tolerance(scheme.linear(x, prepared, None), x, qt.dequantize(torch.float32))
-    assert_kernel_weight_matches(prepared.meta[kernels.FAST_KEY], qt.dequantize(torch.float32))
+    assert_kernel_weight_matches(kernels.packed_kernel(prepared), qt.dequantize(torch.float32))
     # a g_idx that does not give every group `gs` columns cannot be permuted into contiguous groups
     bad = g_idx.clone()
     bad[bad == 1] = 0
     qt_bad = scheme.decode({**{k: v for k, v in qt.data.items() if k != "g_idx"}, "g_idx": bad}, shape=(n_out, n_in))
-    assert "does not put 32 input columns in each group" in scheme.prepare_runtime(qt_bad).meta[kernels.SKIP_KEY]
+    bad_prepared = scheme.prepare_runtime(qt_bad)
+    assert kernels.packed_kernel(bad_prepared) is None
+    assert "does not put 32 input columns in each group" in bad_prepared.meta[kernels.SKIP_KEY]
 
 
 @pytest.mark.parametrize("type_name, kind", [("Q4_0", "int4pack g32"), ("Q4_1", "int4pack g32"),
@@ -275,15 +278,17 @@ def test_gguf_legacy_blocks(type_name, kind):
     w = torch.randn(48, 128, generator=torch.Generator().manual_seed(type_id))
     qt = scheme.quantize(w)
     prepared = scheme.prepare_runtime(qt)
-    assert prepared.meta[kernels.FAST_KEY].describe() == kind
+    assert kernels.packed_kernel(prepared).describe() == kind
     assert torch.equal(prepared.encode()["weight"], qt.encode()["weight"])
     x = torch.randn(4, 128)
     assert_within_tolerance(scheme.linear(x, prepared, None), x, qt.dequantize(torch.float32))
-    assert_kernel_weight_matches(prepared.meta[kernels.FAST_KEY], qt.dequantize(torch.float32))
+    assert_kernel_weight_matches(kernels.packed_kernel(prepared), qt.dequantize(torch.float32))
     # K-quants have no packed form: the exact path
     q4k = gguf_scheme(next(t.id for t in GGML_TYPES.values() if t.name == "Q4_K"))
     k_qt = q4k.decode({"weight": torch.zeros(48 * 144, dtype=torch.uint8)}, shape=(48, 256))
-    assert "Q4_K blocks have no packed kernel" in q4k.prepare_runtime(k_qt).meta[kernels.SKIP_KEY]
+    k_prepared = q4k.prepare_runtime(k_qt)
+    assert kernels.packed_kernel(k_prepared) is None
+    assert "Q4_K blocks have no packed kernel" in k_prepared.meta[kernels.SKIP_KEY]
 
 
 # --- a tiny model end to end ---------------------------------------------------------------------------
@@ -300,15 +305,16 @@ def tiny_checkpoint(tmp_path_factory):
 
 
 @pytest.mark.parametrize("quantize, kind", [(ct_config(4, group_size=32, symmetric=False), "int4pack g32"),
-                                            ("nf4", "int4pack g64 x2 planes")])
+                                            ("nf4", "int8pack")])
 def test_tiny_model_logits_fast_vs_exact(tiny_checkpoint, quantize, kind):
     model = quantload.load(tiny_checkpoint, quantize=quantize, dtype="float32", progress=False)
     linears = [m for _, m in qtensors_of(model) if isinstance(m, QLinear)]
     assert len(linears) == 14                                # 7 per layer; lm_head is left dense
-    assert {m.qweight.meta[kernels.FAST_KEY].describe() for m in linears} == {kind}
+    assert not any(kernels.FAST_KEY in m.qweight.meta for m in linears)    # repacked on first use
     ids = torch.randint(0, 256, (1, 8), generator=torch.Generator().manual_seed(0))   # <= max_rows: fast
     with torch.inference_mode():
         fast = model(ids).logits
+        assert {m.qweight.meta[kernels.FAST_KEY].describe() for m in linears} == {kind}
         kernels.set_fast_kernels(False)
         exact = model(ids).logits
     d = (fast - exact).abs()
@@ -324,5 +330,39 @@ def test_half_precision_inputs_keep_their_dtype(dtype):
     prepared = scheme.prepare_runtime(qt)
     x = torch.randn(3, qt.shape[1]).to(dtype)
     y = scheme.linear(x, prepared, None)
-    assert y.dtype == dtype and torch.equal(y, prepared.meta[kernels.FAST_KEY](x, None))
+    assert y.dtype == dtype and torch.equal(y, kernels.packed_kernel(prepared)(x, None))
     assert_within_tolerance(y, x, qt.dequantize(torch.float32))
+
+
+# --- lazy repacking, memory accounting -------------------------------------------------------------------
+def test_repacked_on_first_use_only():
+    scheme, qt = _ct_int4()
+    prepared = scheme.prepare_runtime(qt)
+    assert kernels.PENDING_KEY in prepared.meta and kernels.FAST_KEY not in prepared.meta   # load: no copy
+    moved = prepared.to("cpu")              # a module move: a new QTensor, its meta copied shallowly
+    x = torch.randn(2, qt.shape[1])
+    y = scheme.linear(x, moved, None)
+    kernel = moved.meta[kernels.FAST_KEY]
+    assert kernels.PENDING_KEY not in moved.meta and kernel.describe() == "int4pack g64"
+    assert torch.equal(y, kernel(x, None))
+    assert kernels.PENDING_KEY in prepared.meta and kernels.packed_kernel(prepared) is kernel   # packed once
+    assert kernel.nbytes == sum(t.numel() * t.element_size() for t in (kernel.packed, kernel.scales_zeros))
+
+
+def test_nf4_int8_rows_bound_and_bfloat16_scales():
+    w = torch.randn(40, 128, generator=torch.Generator().manual_seed(5))
+    w[3] = 0                                                # an all-zero row
+    w[7, :64] *= 100                                        # one large block: its row's scale grows
+    scheme = bnb4.Bnb4Scheme("nf4", 64)
+    qt = scheme.quantize(w)
+    kernel = kernels.packed_kernel(scheme.prepare_runtime(qt))
+    assert kernel.describe() == "int8pack" and kernel.weight.dtype == torch.int8
+    exact = qt.dequantize(torch.float32).double()
+    rowmax = scheme.block_absmax(qt).view(40, 2).amax(1).double()
+    scale = kernel.scales.double()
+    assert bool((scale >= rowmax / 127).all()) and bool((scale <= rowmax / 127 * (1 + 2.0 ** -7) + (rowmax == 0)).all())
+    err = (kernel.weight.double() * scale.unsqueeze(1) - exact).abs()
+    assert bool((err <= scale.unsqueeze(1) / 2 * (1 + 1e-6)).all())
+    assert bool((kernel.weight[3] == 0).all()) and int(kernel.weight.abs().max()) == 127
+    bad = scheme.prepare_runtime(scheme.quantize(torch.randn(4, 96)))      # 96 inputs: blocks of 64 straddle rows
+    assert kernels.packed_kernel(bad) is None and "do not tile the rows" in bad.meta[kernels.SKIP_KEY]

@@ -22,7 +22,6 @@ from __future__ import annotations
 import functools
 import json
 import math
-import sys
 from importlib import resources
 
 import numpy as np
@@ -88,8 +87,8 @@ def dynamic_map() -> torch.Tensor:
 
 # --- lookup tables (built once per quant type and device) -----------------------------------------
 class _Tables:
-    """pair_lut[byte] = (table[byte >> 4], table[byte & 15]); nibbles[byte] = the same two codes as
-    two int32 in one int64 (dequantization).
+    """pair_lut[byte] = (table[byte >> 4], table[byte & 15]); pair_bits: the same pairs as int64
+    (dequantization).
 
     Quantizing: a float32 s is first located by its top 16 bits p (a run of 65536 adjacent floats). The
     codes are so far apart that each run holds at most one decision threshold t_p (+inf where none), so
@@ -104,9 +103,8 @@ class _Tables:
         byte = torch.arange(256)
         self.table = table.to(device)
         self.pair_lut = torch.stack([table[byte >> 4], table[byte & 15]], 1).contiguous().to(device)
-        # byte -> the int32 pair (high code, low code) as one int64, in memory order
-        high_at, low_at = (0, 32) if sys.byteorder == "little" else (32, 0)
-        self.nibbles = ((byte >> 4) << high_at | (byte & 15) << low_at).to(device)
+        # the same float32 pairs, each read as one int64: a gather of 8-byte elements (the fast case)
+        self.pair_bits = self.pair_lut.view(torch.int64).view(-1)
         order = torch.tensor(_BUCKET_TO_CODE[quant_type])
         ascending = table[order]
         midpoints = (ascending[:-1] + ascending[1:]) / 2          # float32, as bnb computes them
@@ -155,13 +153,13 @@ def _block_absmax(blocks: torch.Tensor, scratch: torch.Tensor | None = None) -> 
 
 
 class _CodeScratch:
-    """Work buffers for `_pack_codes_into`, allocated once per call and reused by every chunk: fresh
-    multi-megabyte temporaries per chunk cost more (page faults) than the arithmetic."""
+    """Work buffers for `_pack_codes_into`, allocated once per call (with huge pages) and reused by every
+    chunk: fresh multi-megabyte temporaries per chunk cost more (page faults) than the arithmetic."""
 
     def __init__(self, elements: int, device):
-        self.scaled = torch.empty(elements, dtype=torch.float32, device=device)
-        self.run = torch.empty(elements, dtype=torch.int32, device=device)
-        self.threshold = torch.empty(elements, dtype=torch.float32, device=device)
+        self.scaled = kernels.empty_large(elements, torch.float32, device)
+        self.run = kernels.empty_large(elements, torch.int32, device)
+        self.threshold = kernels.empty_large(elements, torch.float32, device)
         self.upcast = self.threshold    # the upcast input is consumed before thresholds are gathered
         self.codes = torch.empty(elements, dtype=torch.uint8, device=device)
 
@@ -192,7 +190,7 @@ def quantize_4bit(x: torch.Tensor, blocksize: int, quant_type: str) -> tuple[tor
     n = flat.numel()
     n_full = n // blocksize
     full = n_full * blocksize
-    packed = torch.empty((n + 1) // 2, dtype=torch.uint8, device=x.device)
+    packed = kernels.empty_large((n + 1) // 2, torch.uint8, x.device)
     absmax = torch.empty(-(-n // blocksize), dtype=torch.float32, device=x.device)
     step = _chunk_elements(flat, full, blocksize)
     buf = _CodeScratch(max(min(step, full), blocksize + 1), x.device)
@@ -219,29 +217,29 @@ def dequantize_4bit(packed: torch.Tensor, absmax: torch.Tensor, n: int, blocksiz
     """Flat [n] tensor of `dtype`: table[code] * absmax[block] in float32, rounded once to dtype (the
     C++ and torch kernels of bnb do exactly this).
 
-    Each block's 16 possible outputs are computed once (table * absmax, rounded to dtype: the same
-    bits as rounding each product), then every element is one gather from its block's row: the bytes
-    become interleaved int32 codes through a byte -> (high, low) int64 table, plus 16 * block."""
+    Per chunk of whole blocks: each byte becomes its two float32 table values in one gather (a 256-entry
+    table of float pairs, read as int64 so the gather moves one 8-byte element), the pairs are scaled
+    in place by their block's absmax on a [blocks, blocksize] view, and written once into the output
+    (for float32 the output itself is the scratch). The output is allocated with huge pages: its first
+    touch is otherwise ~40% of the time (one page fault per 4 KiB)."""
     t = _tables(quant_type, packed.device)
-    out = torch.empty(n, dtype=dtype, device=packed.device)
+    out = kernels.empty_large(n, dtype, packed.device)
     n_full = n // blocksize
     full = n_full * blocksize
     step = _chunk_elements(packed, full, blocksize)
     chunk = min(step, full)
     byte = torch.empty(chunk // 2, dtype=torch.int32, device=packed.device)
-    index = torch.empty(chunk, dtype=torch.int32, device=packed.device)
-    rows = torch.empty(chunk // blocksize, 16, dtype=dtype, device=packed.device)
-    row_start = torch.arange(0, 16 * (chunk // blocksize), 16, dtype=torch.int32, device=packed.device)
-    row_start = row_start.unsqueeze(1)
+    scratch = None if dtype == torch.float32 else torch.empty(chunk, dtype=torch.float32, device=packed.device)
     for start in range(0, full, step):
         stop = min(start + step, full)
         k = (stop - start) // blocksize
-        b, idx, r = byte[: (stop - start) // 2], index[: stop - start], rows[:k]
+        b = byte[: (stop - start) // 2]
         b.copy_(packed[start // 2: stop // 2])
-        torch.index_select(t.nibbles, 0, b, out=idx.view(torch.int64))
-        idx.view(k, blocksize).add_(row_start[:k])
-        torch.mul(t.table, absmax[start // blocksize: stop // blocksize].unsqueeze(1), out=r)
-        torch.index_select(r.view(-1), 0, idx, out=out[start:stop])
+        f = out[start:stop] if scratch is None else scratch[: stop - start]
+        torch.index_select(t.pair_bits, 0, b, out=f.view(torch.int64))
+        f.view(k, blocksize).mul_(absmax[start // blocksize: stop // blocksize].unsqueeze(1))
+        if scratch is not None:
+            out[start:stop].copy_(f)
     if full < n:
         tail = t.pair_lut.index_select(0, packed[full // 2:].to(torch.int32)).view(-1)[: n - full]
         torch.mul(tail, absmax[n_full], out=out[full:])
@@ -505,21 +503,20 @@ class Bnb4Scheme(Scheme):
         return kernels.attach_fast(qt, self.affine_weight)
 
     def affine_weight(self, qt: QTensor) -> kernels.AffineWeight:
-        """NF4/FP4 is a 16-entry table, not affine, but table[c] * absmax = (g[c] - zero) * step * absmax
-        up to step / 2 with the table rounded to an integer grid (see LUT_GRID_PLANES): each block is then
-        an affine group of codes g[c], which the kernel runs as planes of 4-bit codes."""
+        """NF4/FP4 is a 16-entry table per block, not affine. The fast path requantizes the exact float32
+        values table[c] * absmax[block] to int8 with one scale per output row (rowmax / 127, rounded up
+        to a bfloat16 so the kernel's bfloat16 scale is exact): each weight moves by at most half a
+        step, rowmax / 254, and the kernel (torch's int8 x bfloat16 matmul) reads one byte a weight,
+        half the work of the two 4-bit planes an integer grid of the table would need."""
         n_out, n_in = qt.shape if qt.ndim == 2 else (0, 0)
         bs = qt.meta["blocksize"]
         if qt.ndim != 2 or n_in % bs:
             raise kernels.NotEligible(f"blocks of {bs} do not tile the rows of a {list(qt.shape)} weight")
-        bits, _, grid_zero = _grid_params(LUT_GRID_PLANES)
-        grid, step = _lut_grid(qt.meta["quant_type"], qt.device, LUT_GRID_PLANES)
-        packed = qt.data["codes"].view(-1)
-        nibbles = torch.stack([packed >> 4, packed & 15], dim=1).view(n_out, n_in)
-        codes = grid.index_select(0, nibbles.reshape(-1).to(torch.int32)).view(n_out, n_in)
-        scale = self.block_absmax(qt).double().view(n_out, n_in // bs) * step
-        zero = torch.full_like(scale, grid_zero)
-        return kernels.AffineWeight(codes, scale, bits, bs, zero=zero)
+        absmax = self.block_absmax(qt)
+        return kernels.int8_rows(n_out, n_in, lambda r0, r1: dequantize_4bit(
+            qt.data["codes"][r0 * n_in // 2: r1 * n_in // 2], absmax[r0 * n_in // bs: r1 * n_in // bs],
+            (r1 - r0) * n_in, bs, qt.meta["quant_type"], torch.float32).view(r1 - r0, n_in),
+            absmax.view(n_out, n_in // bs).amax(1))
 
     def linear(self, x: torch.Tensor, qt: QTensor, bias: torch.Tensor | None) -> torch.Tensor:
         """The packed kernel when prepare_runtime made one; else Linear4bit.forward without bnb's
@@ -538,31 +535,6 @@ class Bnb4Scheme(Scheme):
         nb = -(-n // self.blocksize)
         stats = nb + 4 * -(-nb // NESTED_BLOCKSIZE) if self.double_quant else 4 * nb
         return (n + 1) // 2 + stats
-
-
-# The fast path's integer grid for the 4-bit tables: LUT_GRID_PLANES 4-bit planes, whose balanced digits
-# reach +-7 * (1 + 16 + ...). Two planes put NF4 on steps of 1/119 of its range, within 1/238
-# of the block absmax; three planes (1.5x the kernel time and memory) within 1/3822, below the bfloat16
-# rounding (2^-9 relative) of the kernel's scales, and FP4 exactly (its values are multiples of 1/192).
-LUT_GRID_PLANES = 2
-
-
-def _grid_params(planes: int) -> tuple[int, int, int]:
-    """(bits, largest balanced code, zero offset) of a grid of `planes` 4-bit planes."""
-    return 4 * planes, 7 * sum(16 ** p for p in range(planes)), 1 << (4 * planes - 1)
-
-
-@functools.cache
-def _lut_grid(quant_type: str, device: torch.device, planes: int) -> tuple[torch.Tensor, float]:
-    """(unsigned grid codes [16] around the grid's zero, step) for the fast path."""
-    _, top, zero = _grid_params(planes)
-    table = code_table(quant_type)
-    if quant_type == "fp4" and top >= 192:
-        step = 1 / 192
-        codes = torch.round(table.double() / step).to(torch.int32)
-    else:
-        codes, step = kernels.grid_codes(table, top)
-    return (codes + zero).to(torch.int16).to(device), step   # int16: the codes of a whole layer at load
 
 
 # --- quant_state JSON -------------------------------------------------------------------------------
