@@ -59,8 +59,45 @@ def scalar(b: torch.Tensor, offset: int, dtype: torch.dtype) -> torch.Tensor:
 
 
 def half(b: torch.Tensor, offset: int) -> torch.Tensor:
-    """The fp16 field at `offset` of each block, as float32 [n, 1] (exact)."""
-    return scalar(b, offset, torch.float16).float().unsqueeze(-1)
+    """The fp16 field at `offset` of each block, as float32 [n, 1] (exact). Few ops on purpose: on a
+    busy CPU each eager op costs microseconds, and this runs once or twice per chunk."""
+    f = b[:, offset:offset + 2]
+    if b.stride(0) % 2 or (b.storage_offset() + offset) % 2:
+        f = f.contiguous()
+    return f.view(torch.float16).float()
+
+
+def word_dtype(type_size: int) -> torch.dtype:
+    """The widest int dtype whose size divides the block size, so a chunk of whole blocks (which starts
+    8-byte aligned in dequantize_blocks) can be viewed flat as such words."""
+    for size, dtype in ((8, torch.int64), (4, torch.int32), (2, torch.int16)):
+        if type_size % size == 0:
+            return dtype
+    return torch.uint8
+
+
+def bit_planes(b: torch.Tensor, cuts: tuple) -> torch.Tensor:
+    """uint8 [len(cuts), n, type_size]: plane p holds, in every byte of every block, (byte >> s) & m for
+    cuts[p] = (s, m) (s < 0 shifts left: (byte << -s) & m). Computed over the whole chunk as flat words
+    with scalar operands only (the fast eager path: long contiguous rows, no per-block cost); the mask
+    is replicated into every byte of the word and must drop bits shifted in from neighbouring bytes
+    (m < 2**(8 - s) for s >= 0, low -s bits of m clear for s < 0). Fields are then read from the planes
+    through strided views, see `gather_codes`."""
+    n, size = b.shape
+    wt = word_dtype(size)
+    w = b.reshape(-1).view(wt)
+    reps = {torch.int64: REP, torch.int32: 0x01010101, torch.int16: 0x0101, torch.uint8: 1}[wt]
+    planes = torch.empty((len(cuts), w.numel()), dtype=wt, device=b.device)
+    for p, (s, m) in enumerate(cuts):
+        x = w if s == 0 else (w >> s if s > 0 else w << -s)
+        torch.bitwise_and(x, _signed(m * reps, wt), out=planes[p])
+    return planes.view(torch.uint8).view(len(cuts), n, size)
+
+
+def _signed(v: int, dtype: torch.dtype) -> int:
+    """Two's-complement reading of the unsigned mask `v` in `dtype` (torch refuses out-of-range scalars)."""
+    bits = torch.iinfo(dtype).bits
+    return v - (1 << bits) if dtype != torch.uint8 and v >= 1 << (bits - 1) else v
 
 
 def nibble_words(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -109,6 +146,16 @@ def cut(w: torch.Tensor, shifts: tuple, mask: int, dim: int = 0) -> torch.Tensor
     shape[dim] = len(shifts)
     sh = const(shifts, w.dtype, w.device).view(shape)
     return (w.unsqueeze(dim) >> sh) & mask
+
+
+def copy_planes(out: torch.Tensor, planes) -> None:
+    """out [n, ...] viewed as [n, len(planes), m] <- planes (each [n, m], any strides, any int dtype),
+    casting on the way. One copy per plane: for these 16-element rows a single copy of a stacked,
+    permuted view picks a loop order that measured ~2x slower (for the K-quants' 32-element rows of
+    `to_elements` the single copy measured faster)."""
+    dst = out.view(out.shape[0], len(planes), -1)
+    for p, plane in enumerate(planes):
+        dst[:, p].copy_(plane)
 
 
 def to_elements(out: torch.Tensor, codes: torch.Tensor) -> None:

@@ -15,7 +15,8 @@ from ...ggml_types import GGML_TYPES
 from . import iquants, kquants, legacy, ternary_fp4
 from ._bits import chunks
 
-Decoder = Callable[[torch.Tensor, torch.Tensor], None]
+#: fn(blocks, out, *per-block scales): see kquants.with_scales
+Decoder = Callable[..., None]
 
 DECODERS: dict[int, Decoder] = {**legacy.DECODERS, **kquants.DECODERS, **iquants.DECODERS,
                                 **ternary_fp4.DECODERS}
@@ -88,10 +89,11 @@ def dequantize_blocks(type_id: int, blocks: torch.Tensor, dtype: torch.dtype = t
     step = max(1, chunk_elems // t.block_size)
     scratch = None if dtype == torch.float32 else torch.empty((min(n, step), t.block_size),
                                                                 device=blocks.device)
+    # per-block scales of all blocks at once where the decoder has that step (kquants.with_scales)
+    scales = fn.scales(flat) if hasattr(fn, "scales") else ()
     for s, e in chunks(n, step):
-        if scratch is None:
-            fn(flat[s:e], out[s:e])
-        else:
-            fn(flat[s:e], scratch[:e - s])
-            out[s:e].copy_(scratch[:e - s])
+        dst = out[s:e] if scratch is None else scratch[:e - s]
+        fn(flat[s:e], dst, *(t[s:e] for t in scales))
+        if scratch is not None:
+            out[s:e].copy_(dst)
     return out.reshape(out_shape)

@@ -10,20 +10,36 @@ while casting to float (`to_elements`).
 """
 from __future__ import annotations
 
+from typing import Callable
+
 import torch
 
 from ._bits import as_bytes, cut, field, half, nibble_words, planar, rep, scalar, to_elements, words
 
 
-def q2_k(b, out):
+def with_scales(scales: Callable[[torch.Tensor], tuple]):
+    """Give a decoder its per-block scale step: `scales(b)` -> tensors with the block dimension first,
+    computed by dequantize_blocks once over all blocks and sliced per chunk (it is ~30 small ops: run
+    per chunk, their fixed cost was a third of the decode), then passed after `out`."""
+    def attach(fn):
+        fn.scales = scales
+        return fn
+    return attach
+
+
+def q2_k_scales(b):
     n = b.shape[0]
     sc_lo, sc_hi = nibble_words(words(b, 0, 16))
     dl = half(b, 80) * as_bytes(sc_lo, n).float()
     ml = half(b, 82) * as_bytes(sc_hi, n).float()
+    return dl.unsqueeze(-1), ml.unsqueeze(-1)
+
+
+@with_scales(q2_k_scales)
+def q2_k(b, out, dl, ml):
     q = cut(planar(b, 16, (2, 32)).view(torch.int64), (0, 2, 4, 6), rep(3), dim=1)   # [half, plane, n, 4]
     to_elements(out, q.view(torch.uint8))
-    o = out.view(n, 16, 16)
-    o.mul_(dl.unsqueeze(-1)).sub_(ml.unsqueeze(-1))
+    out.view(b.shape[0], 16, 16).mul_(dl).sub_(ml)
 
 
 def q3_k_scales(b: torch.Tensor) -> torch.Tensor:
@@ -35,13 +51,13 @@ def q3_k_scales(b: torch.Tensor) -> torch.Tensor:
     return (as_bytes(torch.stack([lo, hi], dim=1), n) | (as_bytes(high2, n) << 4)).float() - 32
 
 
-def q3_k(b, out):
-    dl = half(b, 108) * q3_k_scales(b)
+@with_scales(lambda b: ((half(b, 108) * q3_k_scales(b)).unsqueeze(-1),))
+def q3_k(b, out, dl):
     q = cut(planar(b, 32, (2, 32)).view(torch.int64), (0, 2, 4, 6), rep(3), dim=1)   # [half, j, n, 4]
     h = cut(words(b, 0, 32).unsqueeze(0), tuple(range(8)), rep(1), dim=0)          # [8 = 4 half + j, 1, n, 4]
     codes = (q + (h.view(q.shape) << 2)).view(torch.uint8) - 4      # q - 4 * (1 - hbit), in 0..7 before -4
     to_elements(out, codes.view(torch.int8))
-    out.view(b.shape[0], 16, 16).mul_(dl.unsqueeze(-1))
+    out.view(b.shape[0], 16, 16).mul_(dl)
 
 
 def scale_min_k4(b: torch.Tensor, at: int = 4):
@@ -55,34 +71,38 @@ def scale_min_k4(b: torch.Tensor, at: int = 4):
     return as_bytes(sc, n).float(), as_bytes(mn, n).float()
 
 
-def _scale_min_apply(b, out, codes):
-    n = b.shape[0]
+def k4_scales(b):
+    """(d * scale, dmin * min) of Q4_K / Q5_K, float32 [n, 8, 1] each."""
     sc, mn = scale_min_k4(b)
-    dl = half(b, 0) * sc
-    ml = half(b, 2) * mn
+    return (half(b, 0) * sc).unsqueeze(-1), (half(b, 2) * mn).unsqueeze(-1)
+
+
+def _scale_min_apply(out, codes, dl, ml):
     to_elements(out, codes)
-    out.view(n, 8, 32).mul_(dl.unsqueeze(-1)).sub_(ml.unsqueeze(-1))
+    out.view(out.shape[0], 8, 32).mul_(dl).sub_(ml)
 
 
-def q4_k(b, out):
+@with_scales(k4_scales)
+def q4_k(b, out, dl, ml):
     q = cut(planar(b, 16, (4, 32)).view(torch.int64), (0, 4), rep(15), dim=1)       # [chunk, nib, n, 4]
-    _scale_min_apply(b, out, q.view(torch.uint8))
+    _scale_min_apply(out, q.view(torch.uint8), dl, ml)
 
 
-def q5_k(b, out):
+@with_scales(k4_scales)
+def q5_k(b, out, dl, ml):
     q = cut(planar(b, 48, (4, 32)).view(torch.int64), (0, 4), rep(15), dim=1)       # [chunk, nib, n, 4]
     h = cut(words(b, 16, 48), tuple(range(8)), rep(1), dim=0)                      # [8 = 2 chunk + nib, n, 4]
-    _scale_min_apply(b, out, (q | (h.view(q.shape) << 4)).view(torch.uint8))
+    _scale_min_apply(out, (q | (h.view(q.shape) << 4)).view(torch.uint8), dl, ml)
 
 
-def q6_k(b, out):
+@with_scales(lambda b: ((half(b, 208) * field(b, 192, 208).view(torch.int8).float()).unsqueeze(-1),))
+def q6_k(b, out, dl):
     # element 128 h + 32 j + l: ql nibble plane s = j // 2 of byte 64 h + 32 (j % 2) + l, qh crumb plane j
     ql = cut(planar(b, 0, (2, 2, 32)).view(torch.int64), (0, 4), rep(15), dim=1)   # [h, s, j % 2, n, 4]
     qh = cut(planar(b, 128, (2, 32)).view(torch.int64), (0, 2, 4, 6), rep(3), dim=1)  # [h, j, n, 4]
     codes = ((ql.view(qh.shape) | (qh << 4)).view(torch.uint8) - 32).view(torch.int8)
-    dl = half(b, 208) * field(b, 192, 208).view(torch.int8).float()
     to_elements(out, codes)
-    out.view(b.shape[0], 16, 16).mul_(dl.unsqueeze(-1))
+    out.view(b.shape[0], 16, 16).mul_(dl)
 
 
 def q8_k(b, out):
