@@ -84,8 +84,14 @@ def _scale_min_apply(out, codes, dl, ml):
 
 @with_scales(k4_scales)
 def q4_k(b, out, dl, ml):
-    q = cut(planar(b, 16, (4, 32)).view(torch.int64), (0, 4), rep(15), dim=1)       # [chunk, nib, n, 4]
-    _scale_min_apply(out, q.view(torch.uint8), dl, ml)
+    # element 64 c + 32 nib + l = nibble nib of qs[32 c + l]; written in element order by the masks
+    n = b.shape[0]
+    qs = b.view(torch.int64)[:, 2:18].view(n, 4, 4)
+    codes = torch.empty((n, 4, 2, 4), dtype=torch.int64, device=b.device)
+    torch.bitwise_and(qs, rep(15), out=codes[:, :, 0])
+    torch.bitwise_and(qs >> 4, rep(15), out=codes[:, :, 1])
+    out.copy_(codes.view(torch.uint8).view(n, 256))
+    out.view(n, 8, 32).mul_(dl).sub_(ml)
 
 
 @with_scales(k4_scales)
@@ -97,12 +103,19 @@ def q5_k(b, out, dl, ml):
 
 @with_scales(lambda b: ((half(b, 208) * field(b, 192, 208).view(torch.int8).float()).unsqueeze(-1),))
 def q6_k(b, out, dl):
-    # element 128 h + 32 j + l: ql nibble plane s = j // 2 of byte 64 h + 32 (j % 2) + l, qh crumb plane j
-    ql = cut(planar(b, 0, (2, 2, 32)).view(torch.int64), (0, 4), rep(15), dim=1)   # [h, s, j % 2, n, 4]
-    qh = cut(planar(b, 128, (2, 32)).view(torch.int64), (0, 2, 4, 6), rep(3), dim=1)  # [h, j, n, 4]
-    codes = ((ql.view(qh.shape) | (qh << 4)).view(torch.uint8) - 32).view(torch.int8)
-    to_elements(out, codes)
-    out.view(b.shape[0], 16, 16).mul_(dl)
+    # element 128 h + 32 j + l: nibble j // 2 of ql[64 h + 32 (j % 2) + l] | crumb j of qh[32 h + l] << 4.
+    # Fields are cut from int16 words of each block (one row per block per op), the crumbs straight into
+    # bits 4-5; one OR per j writes the codes in element order, so the cast to float is one flat pass.
+    n = b.shape[0]
+    w = b.view(torch.int16)                                      # [n, 105]
+    ql, qh = w[:, 0:64], w[:, 64:96]
+    nib = [(ql & 0x0F0F).view(torch.uint8).view(n, 2, 2, 32), ((ql >> 4) & 0x0F0F).view(torch.uint8).view(n, 2, 2, 32)]
+    crumbs = [(qh << 4) & 0x3030, (qh << 2) & 0x3030, qh & 0x3030, (qh >> 2) & 0x3030]
+    codes = torch.empty((n, 2, 4, 32), dtype=torch.uint8, device=b.device)
+    for j in range(4):
+        torch.bitwise_or(nib[j // 2][:, :, j % 2], crumbs[j].view(torch.uint8).view(n, 2, 32), out=codes[:, :, j])
+    out.copy_(codes.view(n, 256).sub_(32).view(torch.int8))
+    out.view(n, 16, 16).mul_(dl)
 
 
 def q8_k(b, out):
