@@ -366,3 +366,9 @@ def test_nf4_int8_rows_bound_and_bfloat16_scales():
     assert bool((kernel.weight[3] == 0).all()) and int(kernel.weight.abs().max()) == 127
     bad = scheme.prepare_runtime(scheme.quantize(torch.randn(4, 96)))      # 96 inputs: blocks of 64 straddle rows
     assert kernels.packed_kernel(bad) is None and "do not tile the rows" in bad.meta[kernels.SKIP_KEY]
+    # the int8 kernel's short call (no bias, no permutation) is the general path, bit for bit
+    x = torch.randn(2, 3, 128, generator=torch.Generator().manual_seed(6))
+    y = kernel(x, None)
+    assert y.shape == (2, 3, 40) and torch.equal(y, kernels._Packed.__call__(kernel, x, None))
+    xt = x.transpose(0, 1)                                  # a non-contiguous input, through the scheme
+    assert torch.equal(scheme.linear(xt, scheme.prepare_runtime(qt), None), y.transpose(0, 1))
