@@ -96,9 +96,16 @@ def q4_k(b, out, dl, ml):
 
 @with_scales(k4_scales)
 def q5_k(b, out, dl, ml):
-    q = cut(planar(b, 48, (4, 32)).view(torch.int64), (0, 4), rep(15), dim=1)       # [chunk, nib, n, 4]
-    h = cut(words(b, 16, 48), tuple(range(8)), rep(1), dim=0)                      # [8 = 2 chunk + nib, n, 4]
-    _scale_min_apply(out, (q | (h.view(q.shape) << 4)).view(torch.uint8), dl, ml)
+    # as Q4_K, plus bit 2 c + nib of qh[l] as bit 4 of element 64 c + 32 nib + l
+    n = b.shape[0]
+    w = b.view(torch.int64)                                                        # [n, 22]
+    qs = w[:, 6:22].view(n, 4, 4)
+    h = (cut(w[:, 2:6], tuple(range(8)), rep(1), dim=0) << 4).view(4, 2, n, 4)     # [chunk, nib, n, 4]
+    codes = torch.empty((n, 4, 2, 4), dtype=torch.int64, device=b.device)
+    for nib in range(2):
+        torch.bitwise_or((qs >> 4 * nib if nib else qs) & rep(15), h[:, nib].movedim(1, 0), out=codes[:, :, nib])
+    out.copy_(codes.view(torch.uint8).view(n, 256))
+    out.view(n, 8, 32).mul_(dl).sub_(ml)
 
 
 @with_scales(lambda b: ((half(b, 208) * field(b, 192, 208).view(torch.int8).float()).unsqueeze(-1),))
