@@ -8,11 +8,19 @@ import time
 import torch
 from torch import nn
 
+# What every safetensors / torch-file load runs is imported with the package rather than inside the first
+# load (~15 ms of module imports that a timed load would otherwise pay once).
 from . import schemes  # noqa: F401  (registers every scheme family)
+from .checkpoint_weights import CheckpointWeights, index_by_module
 from .config import QuantSpec, parse_dtype, resolve_quantize
+from .engine import load_weights
 from .errors import ConfigError, QuantloadError
+from .finalize import finalize, tied_pairs
+from .prepare import build_skeleton, named_tensors, read_config_dir, replace_modules
 from .report import LoadReport, current_rss_bytes
+from .schemes.registry import spec_from_dict
 from .sources import open_source
+from .sources import safetensors as _safetensors  # noqa: F401  (open_source imports it on first use)
 
 # checkpoint keys that are buffers transformers recomputes (not errors when present, not used)
 _IGNORABLE = ("position_ids", "rotary_emb.inv_freq", "masked_bias", ".attn.bias")
@@ -21,7 +29,6 @@ _IGNORABLE = ("position_ids", "rotary_emb.inv_freq", "masked_bias", ".attn.bias"
 def checkpoint_spec(path: str, config) -> QuantSpec | None:
     """The quantization a checkpoint was saved with: config.json's quantization_config, or a
     quantize_config.json beside it (older GPTQ exports)."""
-    from .schemes.registry import spec_from_dict
     qc = getattr(config, "quantization_config", None) if config is not None else None
     d = path if os.path.isdir(path) else os.path.dirname(os.path.abspath(path))
     file = os.path.join(d, "config.json")
@@ -89,7 +96,6 @@ def _placement(model, device_map, max_memory, offload_folder):
 
 
 def _tied_groups(model, sizes) -> list[list[str]]:
-    from .finalize import tied_pairs
     return [[a, b] for a, b in tied_pairs(model) if a in sizes and b in sizes]
 
 
@@ -124,11 +130,6 @@ def load(path, *, quantize=None, dtype=None, device_map="cpu", max_memory=None, 
 
 def _load_checkpoint(source, path, report, t0, *, quantize, dtype, device_map, max_memory, offload_folder,
                      trust_remote_code, model, progress):
-    from .checkpoint_weights import CheckpointWeights
-    from .engine import load_weights
-    from .finalize import finalize
-    from .prepare import build_skeleton, read_config_dir, replace_modules
-
     config = read_config_dir(path) if model is None else getattr(model, "config", None)
     ckpt_spec = checkpoint_spec(path, config) if config is not None or model is None else None
     user_spec = resolve_quantize(quantize)
@@ -149,7 +150,8 @@ def _load_checkpoint(source, path, report, t0, *, quantize, dtype, device_map, m
             raise ConfigError("no config.json beside the weights: pass model= (your nn.Module) or a "
                               "directory with config.json", file=path)
         model = build_skeleton(config, dtype, trust_remote_code=trust_remote_code)
-    names = [n for n, _ in model.named_parameters()] + [n for n, _ in model.named_buffers()]
+    modules = list(model.named_modules())
+    names = [n for n, _ in named_tensors(modules, "_parameters")] + [n for n, _ in named_tensors(modules, "_buffers")]
     weights = CheckpointWeights(source, names, getattr(model, "base_model_prefix", None))
 
     def choose(name, mod):
@@ -179,9 +181,6 @@ def _load_checkpoint(source, path, report, t0, *, quantize, dtype, device_map, m
 def read_state_dict(path, *, quantization_config=None) -> dict:
     """The decoded parameters of a checkpoint without a model: QTensor for each quantized parameter
     (keyed by its parameter name, e.g. "layer.weight"), plain tensors for the rest."""
-    from .checkpoint_weights import index_by_module
-    from .prepare import read_config_dir
-    from .schemes.registry import spec_from_dict
     path = os.fspath(path)
     source = open_source(path)
     if type(source).__name__ == "GGUFSource":

@@ -1,6 +1,8 @@
 """Weights from a safetensors / PyTorch checkpoint whose names are (nearly) the model's names."""
 from __future__ import annotations
 
+import bisect
+
 import torch
 
 from .engine import Weights
@@ -17,11 +19,34 @@ def index_by_module(keys) -> dict[str, set[str]]:
     under "a.b" as "weight.absmax" and under "a" as "b.weight.absmax")."""
     out: dict[str, set[str]] = {}
     for k in keys:
-        parts = k.split(".")
-        for i in range(1, len(parts)):
-            out.setdefault(".".join(parts[:i]), set()).add(".".join(parts[i:]))
+        i = k.find(".")
+        while i >= 0:  # each dot splits k into (prefix, suffix); slicing beats split + join
+            out.setdefault(k[:i], set()).add(k[i + 1:])
+            i = k.find(".", i + 1)
         out.setdefault("", set()).add(k)
     return out
+
+
+class SuffixIndex:
+    """index_by_module(keys)[prefix], built only for the prefixes asked about: the keys under a prefix
+    are one run of the sorted keys (a load asks about its modules only, not every dotted prefix)."""
+
+    def __init__(self, keys):
+        self.keys = sorted(keys)
+        self.cache: dict[str, set[str]] = {}
+
+    def get(self, prefix: str) -> set[str]:
+        found = self.cache.get(prefix)
+        if found is None:
+            if prefix:
+                # the keys beginning with prefix + "." are exactly those in [prefix + ".", prefix + "/")
+                lo = bisect.bisect_left(self.keys, prefix + ".")
+                hi = bisect.bisect_left(self.keys, prefix + "/", lo)
+                found = {k[len(prefix) + 1:] for k in self.keys[lo:hi]}
+            else:  # every key, and what follows a leading dot
+                found = set(self.keys) | {k[1:] for k in self.keys if k.startswith(".")}
+            self.cache[prefix] = found
+        return found
 
 
 class KeyMap:
@@ -31,7 +56,10 @@ class KeyMap:
     def __init__(self, model_names: list[str], ckpt_keys, base_prefix: str | None):
         self.ckpt = set(ckpt_keys)
         self.rename = {}
+        legacy = tuple(_LEGACY_SUFFIXES)
         for k in self.ckpt:
+            if not k.endswith(legacy):  # one test per key; nearly every checkpoint has none
+                continue
             for old, new in _LEGACY_SUFFIXES.items():
                 if k.endswith(old):
                     self.rename[k[: -len(old)] + new] = k
@@ -61,7 +89,7 @@ class CheckpointWeights(Weights):
     def __init__(self, source: Source, model_names: list[str], base_prefix: str | None = None):
         self.source = source
         self.keys = source.keys()
-        self.by_module = index_by_module(self.keys)
+        self.by_module = SuffixIndex(self.keys)
         self.key_of = KeyMap(model_names, self.keys, base_prefix)
         self.used: set[str] = set()
         self.companions = 0
@@ -73,7 +101,7 @@ class CheckpointWeights(Weights):
         return self.key_of(module_name + ".x")[:-2] if module_name else ""
 
     def suffixes(self, module_name: str) -> set[str]:
-        return self.by_module.get(self.module_prefix(module_name), set())
+        return self.by_module.get(self.module_prefix(module_name))
 
     def _read(self, key: str) -> torch.Tensor:
         t = self.source.get(key)

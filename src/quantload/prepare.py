@@ -6,6 +6,7 @@ Parameters are created on the meta device (no memory); buffers stay real, becaus
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 
 import torch
@@ -14,22 +15,48 @@ from torch import nn
 from .errors import ConfigError, UnsupportedError
 from .runtime.modules import QEmbedding, QLinear
 
+#: torch.nn.init's in-place initializers, which module constructors call on their fresh parameters
+_TORCH_INIT_FUNCTIONS = ("uniform_", "normal_", "trunc_normal_", "constant_", "ones_", "zeros_", "eye_", "dirac_",
+                         "xavier_uniform_", "xavier_normal_", "kaiming_uniform_", "kaiming_normal_",
+                         "orthogonal_", "sparse_")
+
+
+def _skipping_meta(init):
+    """`init` made a no-op on meta tensors (it writes nothing there anyway, but the meta decompositions
+    cost ~0.1 ms a call: 20 ms for a 135M model's Linear.reset_parameters)."""
+    @functools.wraps(init)
+    def guarded(tensor, *args, **kwargs):
+        if isinstance(tensor, torch.Tensor) and tensor.is_meta:
+            return tensor
+        return init(tensor, *args, **kwargs)
+    return guarded
+
 
 @contextlib.contextmanager
 def meta_parameters():
-    """Inside this context, every nn.Parameter registered is created on the meta device."""
+    """Inside this context, every nn.Parameter registered is created on the meta device, and initializing
+    it costs nothing (buffers stay real and are initialized as usual)."""
     original = nn.Module.register_parameter
+    original_inits = {n: getattr(nn.init, n) for n in _TORCH_INIT_FUNCTIONS if hasattr(nn.init, n)}
 
     def register_parameter(module, name, param):
         if param is not None and not param.is_meta:
             param = nn.Parameter(param.to("meta"), requires_grad=param.requires_grad)
+        if param is not None:
+            # transformers' init functions skip flagged tensors: initializing a meta tensor writes nothing
+            # but costs ~1 ms each through torch's meta decompositions (0.2 s for a 135M model)
+            param._is_hf_initialized = True
         original(module, name, param)
 
     nn.Module.register_parameter = register_parameter
+    for n, init in original_inits.items():
+        setattr(nn.init, n, _skipping_meta(init))
     try:
         yield
     finally:
         nn.Module.register_parameter = original
+        for n, init in original_inits.items():
+            setattr(nn.init, n, init)
 
 
 def model_class_for(config, *, causal_preferred: bool = True):
@@ -82,6 +109,19 @@ def replace_modules(model: nn.Module, choose, dtype: torch.dtype) -> dict[str, o
         set_submodule(model, name, new)
         chosen[name] = scheme
     return chosen
+
+
+def named_tensors(modules, kind: str):
+    """What model.named_parameters() (kind "_parameters") or model.named_buffers() ("_buffers") yields,
+    from an already listed model.named_modules(): each tensor once, under its first name. Walking the
+    module tree costs ~1 ms per walk on a 30-layer model; callers that need several views list it once."""
+    seen = set()
+    for prefix, mod in modules:
+        for name, t in getattr(mod, kind).items():
+            if t is None or id(t) in seen:
+                continue
+            seen.add(id(t))
+            yield (prefix + "." + name if prefix else name), t
 
 
 def set_submodule(model: nn.Module, name: str, new: nn.Module) -> None:

@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import mmap
 import os
-import warnings
 
 import torch
 
@@ -41,11 +40,13 @@ SAFETENSORS_DTYPES: dict[str, tuple[torch.dtype | None, int]] = {
 
 def _refuse_duplicate_keys(pairs):
     """json object_pairs_hook: a key given twice would silently shadow the first."""
-    obj = {}
-    for k, v in pairs:
-        if k in obj:
-            raise ValueError(f"duplicate key {k!r}")
-        obj[k] = v
+    obj = dict(pairs)  # in C; the slow search below runs only when a key repeats
+    if len(obj) != len(pairs):
+        seen = set()
+        for k, _ in pairs:
+            if k in seen:
+                raise ValueError(f"duplicate key {k!r}")
+            seen.add(k)
     return obj
 
 
@@ -62,10 +63,6 @@ def _parse_json(raw: bytes, file: str, offset: int | None):
                           parse_int=_parse_int_u64)
     except (UnicodeDecodeError, ValueError, RecursionError) as e:
         raise FileFormatError(f"not valid JSON: {e}", file=file, offset=offset) from None
-
-
-def _is_int(x) -> bool:
-    return isinstance(x, int) and not isinstance(x, bool)
 
 
 def _short(x) -> str:
@@ -133,10 +130,11 @@ def _tensor_info(path: str, name: str, entry, data_start: int, data_size: int) -
     if dtype_name not in SAFETENSORS_DTYPES:
         raise bad(f"unknown dtype {_short(dtype_name)}; expected one of {sorted(SAFETENSORS_DTYPES)}")
     dtype, bits = SAFETENSORS_DTYPES[dtype_name]
-    if not isinstance(shape, list) or not all(_is_int(d) and d >= 0 for d in shape):
+    # `type(x) is int` refuses bools (JSON true/false) and needs no call per element: this runs per tensor
+    if not isinstance(shape, list) or not all(type(d) is int and d >= 0 for d in shape):
         raise bad(f"shape must be a list of non-negative integers, found {_short(shape)}")
-    if (not isinstance(offsets, list) or len(offsets) != 2 or not all(_is_int(o) for o in offsets)
-            or not 0 <= offsets[0] <= offsets[1]):
+    if (not isinstance(offsets, list) or len(offsets) != 2 or type(offsets[0]) is not int
+            or type(offsets[1]) is not int or not 0 <= offsets[0] <= offsets[1]):
         raise bad(f"data_offsets must be [begin, end] with 0 <= begin <= end, found {_short(offsets)}")
     begin, end = offsets
     numel = _numel_capped(shape, 8 * data_size)
@@ -259,11 +257,12 @@ class SafetensorsSource(Source):
         info = self.info(key)
         if info.nbytes == 0:  # frombuffer refuses empty views
             return torch.empty(info.shape, dtype=info.dtype)
-        with warnings.catch_warnings():  # the map is read-only by design; callers must not write
-            warnings.filterwarnings("ignore", message="The given buffer is not writable")
-            flat = torch.frombuffer(self._map(info.file), dtype=torch.uint8, count=info.nbytes,
-                                    offset=info.offset)
-        return flat.view(info.dtype).view(info.shape)
+        # The copy-on-write map is writable, so torch has no "not writable" warning to give (filtering one
+        # per tensor cost a third of this call, and warning filters are not thread-safe). Callers must not
+        # write to the view all the same: they would get private pages, not a modified file.
+        flat = torch.frombuffer(self._map(info.file), dtype=info.dtype, count=info.nbytes // info.dtype.itemsize,
+                                offset=info.offset)
+        return flat.view(info.shape)
 
     def _map(self, file: str) -> mmap.mmap:
         mm = self._maps.get(file)
