@@ -13,15 +13,18 @@ from ._bits import as_bytes, const, cut, field, half, nibble_words, planar, rep,
 def tq1_0(b, out):
     """5 trits per byte in qs (4 per byte in qh), stored as a base-3 fixed-point fraction: trit k of byte x
     is ((uint8)(x * 3^k) * 3) >> 8, the uint8 product wrapping on purpose. Elements: trit k of qs[0:32]
-    for k = 0..4, then of qs[32:48], then of qh[0:4] for k = 0..3. The trits are computed in int16 over
-    all 52 code bytes at once (in-place ops on half the bytes of a float pass; the float route needed 4
-    passes over `out`), then cast into `out` in element order and scaled once."""
+    for k = 0..4, then of qs[32:48], then of qh[0:4] for k = 0..3. The products are written straight
+    in element order into int16 codes (one multiply per trit), the trit math runs in place over the
+    whole contiguous buffer, and one flat cast and one scale pass fill `out`."""
     n = b.shape[0]
-    pow3 = const((1, 3, 9, 27, 81), torch.int16, b.device).view(5, 1, 1)
-    t = b[:, 0:52].to(torch.int16) * pow3                       # [trit, n, byte]
-    t.bitwise_and_(255).mul_(3).bitwise_right_shift_(8).sub_(1)  # wrap to uint8, then the trit - 1
+    x = b[:, 0:52].to(torch.int16)
+    codes = torch.empty((n, 256), dtype=torch.int16, device=b.device)
     for at, width, trits in ((0, 32, 5), (32, 16, 5), (48, 4, 4)):
-        to_elements(out[:, at * 5:at * 5 + trits * width], t[:trits, :, at:at + width])
+        dst = codes[:, at * 5:at * 5 + trits * width].view(n, trits, width)
+        for k in range(trits):      # a scalar factor: a broadcast tensor of powers measured 3x slower
+            torch.mul(x[:, at:at + width], 3 ** k, out=dst[:, k])
+    codes.bitwise_and_(255).mul_(3).bitwise_right_shift_(8).sub_(1)   # wrap to uint8, then the trit - 1
+    out.copy_(codes)
     out.mul_(half(b, 52))
 
 
