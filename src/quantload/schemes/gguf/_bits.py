@@ -67,39 +67,6 @@ def half(b: torch.Tensor, offset: int) -> torch.Tensor:
     return f.view(torch.float16).float()
 
 
-def word_dtype(type_size: int) -> torch.dtype:
-    """The widest int dtype whose size divides the block size, so a chunk of whole blocks (which starts
-    8-byte aligned in dequantize_blocks) can be viewed flat as such words."""
-    for size, dtype in ((8, torch.int64), (4, torch.int32), (2, torch.int16)):
-        if type_size % size == 0:
-            return dtype
-    return torch.uint8
-
-
-def bit_planes(b: torch.Tensor, cuts: tuple) -> torch.Tensor:
-    """uint8 [len(cuts), n, type_size]: plane p holds, in every byte of every block, (byte >> s) & m for
-    cuts[p] = (s, m) (s < 0 shifts left: (byte << -s) & m). Computed over the whole chunk as flat words
-    with scalar operands only (the fast eager path: long contiguous rows, no per-block cost); the mask
-    is replicated into every byte of the word and must drop bits shifted in from neighbouring bytes
-    (m < 2**(8 - s) for s >= 0, low -s bits of m clear for s < 0). Fields are then read from the planes
-    through strided views, see `gather_codes`."""
-    n, size = b.shape
-    wt = word_dtype(size)
-    w = b.reshape(-1).view(wt)
-    reps = {torch.int64: REP, torch.int32: 0x01010101, torch.int16: 0x0101, torch.uint8: 1}[wt]
-    planes = torch.empty((len(cuts), w.numel()), dtype=wt, device=b.device)
-    for p, (s, m) in enumerate(cuts):
-        x = w if s == 0 else (w >> s if s > 0 else w << -s)
-        torch.bitwise_and(x, _signed(m * reps, wt), out=planes[p])
-    return planes.view(torch.uint8).view(len(cuts), n, size)
-
-
-def _signed(v: int, dtype: torch.dtype) -> int:
-    """Two's-complement reading of the unsigned mask `v` in `dtype` (torch refuses out-of-range scalars)."""
-    bits = torch.iinfo(dtype).bits
-    return v - (1 << bits) if dtype != torch.uint8 and v >= 1 << (bits - 1) else v
-
-
 def nibble_words(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """int words -> (low nibbles, high nibbles) of each of their bytes, in place of the byte."""
     m = rep(15) if w.dtype == torch.int64 else 0x0F0F0F0F

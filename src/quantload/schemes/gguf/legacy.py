@@ -6,7 +6,9 @@ small integer codes are built in 1-byte dtypes, cast into `out` once, then scale
 
 These 17-24 byte blocks are eager torch's worst case (many short rows, see _bits.py), so nibbles are
 split over the whole contiguous chunk at once (the bytes of other fields included: cheaper than slicing
-first), and the element order (j, j + 16) is produced by the one copy that also casts to float.
+first), then one copy per half (j, j + 16) puts them in element order. Measured on the 2-core CI VM, per
+million Q4_0 values: nibble split 80 us, the two half copies 240 us, cast to float 190 us, scale 195 us;
+the cast and the scale pass are the floor of any eager decoder (see bench/gguf_kernels.py).
 """
 from __future__ import annotations
 
@@ -28,13 +30,11 @@ def bf16_type(b, out):
     out.copy_(b.view(torch.bfloat16))   # bf16 -> f32 is a 16-bit shift, exact
 
 
-def nibble_planes(b: torch.Tensor, start: int, bias: int = 0) -> list[torch.Tensor]:
-    """[lo, hi]: the low / high nibbles of qs = b[:, start:start + 16] plus `bias` (mod 256), each a
-    strided uint8 view [n, 16] (elements 0..15 and 16..31). Nibbles are cut over the whole chunk at once
-    (other fields included: one long row, cheaper than slicing first)."""
+def nibble_planes(b: torch.Tensor, start: int) -> list[torch.Tensor]:
+    """[lo, hi]: the low / high nibbles of qs = b[:, start:start + 16], each a strided uint8 view [n, 16]
+    (elements 0..15 and 16..31). Nibbles are cut over the whole chunk at once (other fields included:
+    one long row, cheaper than slicing first)."""
     lo, hi = b & 15, b >> 4
-    if bias:
-        lo.add_(bias % 256), hi.add_(bias % 256)
     return [lo[:, start:start + 16], hi[:, start:start + 16]]
 
 
@@ -56,7 +56,7 @@ def nibble_codes(b: torch.Tensor, start: int) -> torch.Tensor:
 
 
 def q4_0(b, out):
-    out.copy_(nibble_codes(b, 2).sub_(8).view(torch.int8))
+    out.copy_(nibble_codes(b, 2).sub_(8).view(torch.int8))      # q - 8, wrapping in uint8
     out.mul_(half(b, 0))
 
 

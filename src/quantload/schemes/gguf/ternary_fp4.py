@@ -7,7 +7,7 @@ from __future__ import annotations
 import torch
 
 from . import grids
-from ._bits import as_bytes, const, cut, field, half, nibble_words, planar, rep, to_elements, words
+from ._bits import as_bytes, cut, field, half, nibble_words, planar, rep, to_elements, words
 
 
 def tq1_0(b, out):
