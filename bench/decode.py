@@ -3,7 +3,8 @@ model and transformers + bitsandbytes NF4, all in one process, measured alternat
 
     python -m bench.decode [--threads 1 2] [--tokens 16] [--repeats 3] [--models dense,int4,nf4,gguf,hf-nf4]
 
-The kernels are opt-in: they are switched on before the loads (so eligible weights are repacked), then
+The kernels are opt-in: they are switched on before the loads (so eligible weights are marked; each is
+repacked on its first fast forward, in the logits comparison below, before any timing), then
 every quantized model runs twice per round, with the fast kernels and with the exact path
 (`set_fast_kernels(False)`: dequantize, then F.linear). Tokens/s is the median over the rounds of a
 greedy decode of --tokens new tokens (after one warm-up per model). Ratios are taken within one thread

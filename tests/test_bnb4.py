@@ -392,3 +392,23 @@ def test_nonstandard_nested_map_is_kept_and_used(good):
                                         pieces["weight.nested_quant_map"])
     assert torch.equal(qt.scheme.block_absmax(qt), half + torch.tensor(qt.meta["nested_offset"]))
     assert math.isfinite(qt.meta["nested_offset"])
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_large_weight_matches_bnb(dtype):
+    """Outputs past the huge-page threshold (kernels.empty_large, 4 MiB), several 1M-element chunks, an
+    odd element count and a partial last block; float32 output is written without a scratch buffer."""
+    w = random_weight((1537, 1031), dtype, seed=13)
+    q, state = BF.quantize_4bit(w, blocksize=64, quant_type="nf4")
+    ours = Bnb4Scheme("nf4").quantize(w)
+    assert torch.equal(ours.data["codes"], q.view(-1)) and torch.equal(ours.data["absmax"], state.absmax)
+    deq = ours.dequantize()
+    assert deq.dtype == dtype and deq.is_contiguous() and torch.equal(deq, BF.dequantize_4bit(q, state))
+
+
+def test_empty_large_is_a_plain_tensor():
+    small = bnb4.kernels.empty_large(10, torch.int32, "cpu")
+    large = bnb4.kernels.empty_large(3 << 20, torch.float32, "cpu")
+    assert small.shape == (10,) and large.shape == (3 << 20,) and large.dtype == torch.float32
+    large.fill_(1.5)                      # writable over its whole length (huge pages are advice only)
+    assert float(large.sum()) == 1.5 * (3 << 20)

@@ -35,8 +35,10 @@ the device the weight was packed on. Everything else takes the scheme's exact pa
 
 The switch: the kernels are OFF by default (exact numerics first). `set_fast_kernels(True)` before a
 load (or QUANTLOAD_FAST_KERNELS=1 in the environment at import) marks eligible weights, repacked on
-their first forward and used from then on; `set_fast_kernels(False)` makes every QLinear take the exact path again, bit for bit the
-dequantize-then-matmul result; with the switch off at load time nothing is repacked (no extra memory).
+their first forward (never at load; an embedding is never repacked) and used from then on;
+`set_fast_kernels(False)` makes every QLinear take the exact path again, bit for bit the
+dequantize-then-matmul result; with the switch off at load time nothing is marked (no extra memory).
+The repacked copy is extra memory (NF4: 1 byte a weight beside its ~0.56): `kernel.nbytes`.
 """
 from __future__ import annotations
 
