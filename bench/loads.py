@@ -18,6 +18,15 @@ DECODE_TOKENS = 20
 
 
 def _peak_rss() -> int:
+    """This process's peak resident memory: VmHWM on Linux (ru_maxrss may carry the parent's size over
+    the exec that started this worker)."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
     r = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return r if sys.platform == "darwin" else r * 1024
 

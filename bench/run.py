@@ -250,6 +250,10 @@ def measure(args, cases) -> tuple[dict, dict, dict, dict]:
             "command": "python -m bench " + " ".join(args.argv), "total_s": round(time.perf_counter() - started, 1),
             "threads": args.threads or "default", "load_average": [round(load_before, 1), round(os.getloadavg()[0], 1)],
             "notes": notes}
+    if not os.environ.get("QUANTLOAD_BENCH_KEEP_OPTIONAL"):
+        from .worker import UNRELATED_OPTIONAL
+        notes.append(f"hidden from every worker, both sides: {', '.join(UNRELATED_OPTIONAL)} (installed for "
+                     "quantload's tests, used by no case, imported by transformers when present)")
     if max(meta["load_average"]) > (os.cpu_count() or 1):
         notes.append(f"the machine was busy (load average {meta['load_average'][0]} at the start, "
                      f"{meta['load_average'][1]} at the end, on {os.cpu_count()} CPUs): figures are noisy"

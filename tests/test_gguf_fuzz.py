@@ -26,6 +26,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from quantload.errors import QuantloadError
+from quantload.sources.gguf_strings import StringArray
 from quantload.sources.gguf import GGUFSource, ValueType
 
 VT = gguf.GGUFValueType
@@ -141,7 +142,8 @@ def _exercise(src: GGUFSource) -> None:
     for key, value in src.fields.items():
         assert src.field_types[key] in ValueType.__members__.values()
         if key in src.array_types:
-            assert isinstance(value, (list, np.ndarray))
+            assert isinstance(value, (StringArray, np.ndarray))
+            assert all(isinstance(v, str) for v in value) if isinstance(value, StringArray) else True
         else:
             assert isinstance(value, (int, float, bool, str))
     for name in src.keys():

@@ -550,3 +550,17 @@ def test_truncated_gguf_py_file(tmp_path, fraction):
     e = info.value
     assert e.file == str(path) and e.key and e.offset is not None and e.offset <= len(cut)
     assert "truncated" in str(e) or "not within the file" in str(e) or "only" in str(e)
+
+
+def test_string_arrays_decode_on_access_and_equal_lists():
+    from quantload.sources.gguf_strings import StringArray
+    words = ["a", "", "héllo", "<s>", "Ġthe", "日本"]
+    arr = StringArray.of(words)
+    assert len(arr) == 6 and list(arr) == words and arr == words and arr == tuple(words)
+    assert arr[2] == "héllo" and arr[-1] == "日本" and arr[1:3] == ["", "héllo"]
+    assert arr != words[:-1] and arr != ["a"] * 6 and StringArray.of([]) == []
+    assert arr == StringArray.of(words) and "len=6" in repr(arr)
+    with pytest.raises(IndexError):
+        arr[6]
+    with pytest.raises(TypeError):
+        hash(arr)

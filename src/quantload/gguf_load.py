@@ -18,6 +18,7 @@ from .report import LoadReport
 from .runtime.modules import _QModule
 
 _FLOAT_TYPES = {0, 1, 30}  # F32, F16, BF16 stay plain tensors
+_SMALL_BYTES = 64 << 10
 
 
 class GGUFWeights(Weights):
@@ -55,6 +56,7 @@ class GGUFWeights(Weights):
                 raise AssertionError(f"{module_name}: transform is not a row permutation; prepare should "
                                      "have kept this module in float")
             qt.data["blocks"] = qt.data["blocks"][perm]
+            self.source.release(ref.gguf_name)  # the permuted copy is what stays: let the file's pages go
         qt.dtype = self.dtype
         return qt
 
@@ -64,8 +66,10 @@ class GGUFWeights(Weights):
             return None
         info = self.source.info(ref.gguf_name)
         if info.ggml_type in _FLOAT_TYPES or GGML_TYPES[info.ggml_type].block_size == 1:
-            t = self.source.get_typed(ref.gguf_name)
-            self._remember(t, info.file, info.offset)
+            small = info.nbytes <= _SMALL_BYTES  # norms, biases: copied, the map's pages stay untouched
+            t = self.source.get_typed(ref.gguf_name, copy=small)
+            if not small:
+                self._remember(t, info.file, info.offset)
             self.used.add(ref.gguf_name)
             self.tensors_read += 1
             self.bytes_read += info.nbytes

@@ -26,6 +26,7 @@ from typing import Any
 import numpy as np
 
 from .errors import FileFormatError, UnsupportedError
+from .sources.gguf_strings import StringArray
 
 NORMAL, UNKNOWN, CONTROL, USER_DEFINED, UNUSED, BYTE = 1, 2, 3, 4, 5, 6
 
@@ -84,14 +85,14 @@ class _Vocab:
         self.pre = fields.get("tokenizer.ggml.pre", "default")
         self.arch = fields.get("general.architecture", "")
         tokens = fields.get("tokenizer.ggml.tokens")
-        if not isinstance(tokens, (list, tuple)) or not tokens or not all(isinstance(t, str) for t in tokens[:1]):
+        if not isinstance(tokens, (list, tuple, StringArray)) or not tokens or not all(isinstance(t, str) for t in tokens[:1]):
             raise FileFormatError("expected a non-empty array of strings", file=file, key="tokenizer.ggml.tokens")
         self.tokens: list[str] = list(tokens)
         n = len(self.tokens)
         self.types = self._numeric(fields, "tokenizer.ggml.token_type", n, np.integer)
         self.scores = self._numeric(fields, "tokenizer.ggml.scores", n, np.floating)
         merges = fields.get("tokenizer.ggml.merges")
-        if merges is not None and not isinstance(merges, (list, tuple)):
+        if merges is not None and not isinstance(merges, (list, tuple, StringArray)):
             raise FileFormatError("expected an array of strings", file=file, key="tokenizer.ggml.merges")
         self.merges = list(merges) if merges else None
         self.ids = {}

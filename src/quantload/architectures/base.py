@@ -16,6 +16,7 @@ import numpy as np
 import torch
 
 from ..errors import FileFormatError, UnsupportedError
+from ..sources.gguf_strings import StringArray
 from .transforms import Transform
 
 
@@ -81,7 +82,7 @@ class Metadata:
         return default
 
     def _bad(self, key: str, expected: str, value: Any):
-        shown = repr(value) if not isinstance(value, (list, np.ndarray)) else f"an array of {len(value)}"
+        shown = repr(value) if not isinstance(value, (list, np.ndarray, StringArray)) else f"an array of {len(value)}"
         return FileFormatError(f"expected {expected}, found {shown}", file=self.file, key=key)
 
     def _uniform(self, key: str, value: Any):

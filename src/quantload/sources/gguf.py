@@ -26,6 +26,7 @@ import torch
 from ..errors import FileFormatError, MissingTensorError, QuantloadError, UnsupportedError
 from ..ggml_types import GGML_TYPES
 from .base import Source, TensorInfo
+from .gguf_strings import StringArray
 
 GGUF_MAGIC = b"GGUF"
 SUPPORTED_VERSIONS = (2, 3)
@@ -153,13 +154,15 @@ class _Cursor:
             self.fail(f"{what} is not valid UTF-8 ({e.reason} at byte {e.start})", key, start + 8 + e.start)
 
 
-def _read_string_array(cur: _Cursor, count: int, key: str) -> list[str]:
-    """`count` gguf_strings in one tight pass (the count is already bounded by 8 bytes per element)."""
+def _read_string_array(cur: _Cursor, count: int, key: str) -> StringArray:
+    """`count` gguf_strings in one tight pass (the count is already bounded by 8 bytes per element):
+    every length and every element's UTF-8 is checked here; the strings are decoded again on access."""
     buf, pos, end = cur.buf, cur.pos, cur.end
+    first = pos
     unpack = _U64.unpack_from
     # Grown by append, not preallocated: a lying count in a big file costs only what it really holds.
-    out: list[str] = []
-    append = out.append
+    starts: list[int] = []
+    append = starts.append
     i = 0
     try:
         for i in range(count):
@@ -171,13 +174,20 @@ def _read_string_array(cur: _Cursor, count: int, key: str) -> list[str]:
             if stop > end:
                 cur.fail(f"string element {i} of {count} claims {n} bytes but only {end - pos} remain",
                          key, pos - 8)
-            append(buf[pos:stop].decode("utf-8"))
+            buf[pos:stop].decode("utf-8")
+            append(pos)
             pos = stop
     except UnicodeDecodeError as e:
         cur.fail(f"string element {i} of {count} is not valid UTF-8 ({e.reason} at byte {e.start})",
                  key, pos + e.start)
     cur.pos = pos
-    return out
+    # the region is copied out of the map (metadata must outlive close()); element i is data[s_i:e_i]
+    starts_a = np.fromiter(starts, dtype=np.int64, count=len(starts))
+    ends_a = np.empty_like(starts_a)
+    if len(starts_a):
+        ends_a[:-1] = starts_a[1:] - 8
+        ends_a[-1] = pos
+    return StringArray(bytes(buf[first:pos]), starts_a - first, ends_a - first)
 
 
 def _read_array(cur: _Cursor, key: str) -> tuple[Any, int]:
@@ -239,6 +249,9 @@ class GGUFSource(Source):
             # Through numpy, not torch.frombuffer: a numpy array holds a buffer export on the map,
             # which makes mmap.close() refuse (BufferError) while any view lives, instead of
             # unmapping memory that tensors still point at (torch.frombuffer does not; segfault).
+            if hasattr(mmap, "MADV_DONTNEED") and self.data_offset >= mmap.PAGESIZE:
+                # everything in the metadata was copied out: its pages may leave memory
+                self._mm.madvise(mmap.MADV_DONTNEED, 0, self.data_offset // mmap.PAGESIZE * mmap.PAGESIZE)
             with warnings.catch_warnings():
                 # torch warns that the map is not writable; callers are told not to write (Source.get).
                 warnings.simplefilter("ignore", UserWarning)
@@ -453,20 +466,41 @@ class GGUFSource(Source):
         start = self.data_offset + r.offset
         return self._bytes[start:start + r.nbytes]
 
-    def get_typed(self, name: str) -> torch.Tensor:
-        """F32/F16/BF16/F64/I8..I64 tensors as a view with their dtype and torch shape."""
+    def get_typed(self, name: str, *, copy: bool = False) -> torch.Tensor:
+        """F32/F16/BF16/F64/I8..I64 tensors as a view with their dtype and torch shape. copy=True reads
+        the bytes with pread instead: for small tensors (norms) that keeps the map's pages out of memory
+        (a page fault maps the 64 KiB around it)."""
         r = self._record(name)
         ggml_name = GGML_TYPES[r.ggml_type].name
         dtype = _PLAIN_TORCH_DTYPES.get(ggml_name)
         if dtype is None:
             raise UnsupportedError(f"{ggml_name} is a block type with no torch dtype; use get() for its "
                                    "bytes and a GGUF scheme to decode them", file=self.path, key=name)
+        if copy:
+            with open(self.path, "rb") as f:
+                data = bytearray(os.pread(f.fileno(), r.nbytes, self.data_offset + r.offset))
+            if len(data) != r.nbytes:
+                raise FileFormatError(f"file truncated: read {len(data)} of {r.nbytes} bytes", file=self.path,
+                                      key=name, offset=self.data_offset + r.offset)
+            return torch.frombuffer(data, dtype=torch.uint8).view(dtype).view(tuple(reversed(r.ne)))
         raw = self.get(name)
         if (self.data_offset + r.offset) % dtype.itemsize:
             # Only possible with general.alignment < itemsize: a misaligned view is not safe for every
             # kernel, so this rare case pays for a copy.
             raw = raw.clone()
         return raw.view(dtype).view(tuple(reversed(r.ne)))
+
+    def release(self, name: str) -> None:
+        """Drop the pages of a consumed tensor (copied, permuted, dequantized) from resident memory;
+        views of it read the file again if touched."""
+        r = self._tensors.get(name)
+        if r is None or self._mm is None or not hasattr(mmap, "MADV_DONTNEED"):
+            return
+        page = mmap.PAGESIZE
+        begin = self.data_offset + r.offset
+        start, end = -(-begin // page) * page, (begin + r.nbytes) // page * page
+        if end > start:
+            self._mm.madvise(mmap.MADV_DONTNEED, start, end - start)
 
     def close(self) -> None:
         self._bytes = None

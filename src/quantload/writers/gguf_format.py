@@ -13,6 +13,7 @@ from typing import Any
 import numpy as np
 
 from ..errors import ConfigError, UnsupportedError
+from ..sources.gguf_strings import StringArray
 
 GGUF_MAGIC = b"GGUF"
 GGUF_VERSION = 3
@@ -99,7 +100,7 @@ def encode_kv(key: str, value: Any) -> bytes:
     """One metadata record: key, value type, value."""
     if not key:
         raise ConfigError("empty metadata key", key=key)
-    if isinstance(value, (list, tuple, np.ndarray)):
+    if isinstance(value, (list, tuple, np.ndarray, StringArray)):
         sub, body = _array(value, key)
         return _string(key) + _U32.pack(ARRAY) + _U32.pack(sub) + body
     t = _scalar_type(value, key)
