@@ -57,12 +57,15 @@ def test_dequantize_matches_gguf_py(name, device):
 
 @pytest.mark.parametrize("name", GGUF_PY_TYPES)
 def test_chunked_dequantize_matches(name):
-    """Many blocks, decoded in several chunks with a ragged last one, into another dtype and 3-D."""
+    """Many blocks, decoded in several chunks (and scale windows) with a ragged last one, into another
+    dtype and 3-D."""
     t = GGML_TYPES_BY_NAME[name]
     raw = make(name, 6, 7, seed=11)
     ref = gguf_py(name, raw)
     got = dequantize_blocks(t.id, raw, chunk_elems=5 * t.block_size)
     assert torch.equal(got, ref)
+    # one block per chunk: per-block scales come in windows of SCALE_WINDOW chunks, the last one ragged
+    assert torch.equal(dequantize_blocks(t.id, raw, chunk_elems=t.block_size), ref)
     bf = dequantize_blocks(t.id, raw.view(2, 3, -1), torch.bfloat16, chunk_elems=4 * t.block_size)
     assert bf.shape == (2, 3, 7 * t.block_size)
     assert torch.equal(bf.reshape(ref.shape), ref.to(torch.bfloat16))

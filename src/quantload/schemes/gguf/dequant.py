@@ -24,6 +24,8 @@ DECODERS: dict[int, Decoder] = {**legacy.DECODERS, **kquants.DECODERS, **iquants
 #: elements decoded per step. CPU: ~1M floats keeps each temporary in cache (measured best on a 2-core
 #: VM; 4x more was 2x slower). CUDA: large steps amortize kernel launches, 64 MiB of float32 per step.
 CHUNK_ELEMS = {"cpu": 1 << 20, "cuda": 1 << 24}
+#: chunks whose per-block scales are computed together (at most ~1/8 of their float32 output, ~8 MB on CPU)
+SCALE_WINDOW = 16
 
 
 #: numpy twins of the output dtypes we allocate through numpy (bfloat16: same-size stand-in, viewed back)
@@ -89,11 +91,14 @@ def dequantize_blocks(type_id: int, blocks: torch.Tensor, dtype: torch.dtype = t
     step = max(1, chunk_elems // t.block_size)
     scratch = None if dtype == torch.float32 else torch.empty((min(n, step), t.block_size),
                                                                 device=blocks.device)
-    # per-block scales of all blocks at once where the decoder has that step (kquants.with_scales)
-    scales = fn.scales(flat) if hasattr(fn, "scales") else ()
-    for s, e in chunks(n, step):
-        dst = out[s:e] if scratch is None else scratch[:e - s]
-        fn(flat[s:e], dst, *(t[s:e] for t in scales))
-        if scratch is not None:
-            out[s:e].copy_(dst)
+    # Per-block scales, where the decoder has that step (kquants.with_scales), for a window of
+    # SCALE_WINDOW chunks at once: fewer small ops than per chunk, bounded memory for huge tensors.
+    window = step * SCALE_WINDOW
+    for ws, we in chunks(n, window):
+        scales = fn.scales(flat[ws:we]) if hasattr(fn, "scales") else ()
+        for s, e in chunks(we - ws, step):
+            dst = out[ws + s:ws + e] if scratch is None else scratch[:e - s]
+            fn(flat[ws + s:ws + e], dst, *(scale[s:e] for scale in scales))
+            if scratch is not None:
+                out[ws + s:ws + e].copy_(dst)
     return out.reshape(out_shape)
