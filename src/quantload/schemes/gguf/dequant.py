@@ -15,7 +15,7 @@ from ...ggml_types import GGML_TYPES
 from . import iquants, kquants, legacy, ternary_fp4
 from ._bits import chunks
 
-#: fn(blocks, out, *per-block scales): see kquants.with_scales
+#: fn(blocks, out, *per-block scales): see _bits.with_scales
 Decoder = Callable[..., None]
 
 DECODERS: dict[int, Decoder] = {**legacy.DECODERS, **kquants.DECODERS, **iquants.DECODERS,
@@ -91,7 +91,7 @@ def dequantize_blocks(type_id: int, blocks: torch.Tensor, dtype: torch.dtype = t
     step = max(1, chunk_elems // t.block_size)
     scratch = None if dtype == torch.float32 else torch.empty((min(n, step), t.block_size),
                                                                 device=blocks.device)
-    # Per-block scales, where the decoder has that step (kquants.with_scales), for a window of
+    # Per-block scales, where the decoder has that step (_bits.with_scales), for a window of
     # SCALE_WINDOW chunks at once: fewer small ops than per chunk, bounded memory for huge tensors.
     window = step * SCALE_WINDOW
     for ws, we in chunks(n, window):

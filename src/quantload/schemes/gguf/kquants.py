@@ -3,7 +3,7 @@
 Same contract as legacy.py: fill float32 `out` [n, 256] from uint8 `b` [n, type_size], in gguf-py's
 order of float32 operations (sub-block scale = d * sc first, then scale * q, then - d_min * m).
 
-The per-block scales (a few dozen small ops) run once over all blocks of the tensor (`with_scales`):
+The per-block scales (a few dozen small ops) run once per window of chunks (`_bits.with_scales`):
 run per chunk their fixed cost was about a third of the decode time on a busy 2-core VM.
 
 Layout work (see _bits.py), two patterns, each kept where it measured faster:
@@ -16,21 +16,9 @@ Layout work (see _bits.py), two patterns, each kept where it measured faster:
 """
 from __future__ import annotations
 
-from collections.abc import Callable
-
 import torch
 
-from ._bits import as_bytes, cut, field, half, nibble_words, planar, rep, scalar, to_elements, words
-
-
-def with_scales(scales: Callable[[torch.Tensor], tuple]):
-    """Give a decoder its per-block scale step: `scales(b)` -> tensors with the block dimension first,
-    computed by dequantize_blocks once over all blocks and sliced per chunk (it is ~30 small ops: run
-    per chunk, their fixed cost was a third of the decode), then passed after `out`."""
-    def attach(fn):
-        fn.scales = scales
-        return fn
-    return attach
+from ._bits import as_bytes, cut, field, half, nibble_words, planar, rep, scalar, to_elements, with_scales, words
 
 
 def q2_k_scales(b):

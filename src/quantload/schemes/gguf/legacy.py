@@ -15,7 +15,7 @@ from __future__ import annotations
 import torch
 
 from . import grids
-from ._bits import copy_planes, half, spread_bits
+from ._bits import copy_planes, half, spread_bits, with_scales
 
 
 def f32_type(b, out):
@@ -55,30 +55,35 @@ def nibble_codes(b: torch.Tensor, start: int) -> torch.Tensor:
     return codes
 
 
-def q4_0(b, out):
+@with_scales(lambda b: (half(b, 0),))
+def q4_0(b, out, d):
     out.copy_(nibble_codes(b, 2).sub_(8).view(torch.int8))      # q - 8, wrapping in uint8
-    out.mul_(half(b, 0))
+    out.mul_(d)
 
 
-def q4_1(b, out):
+@with_scales(lambda b: (half(b, 0), half(b, 2)))
+def q4_1(b, out, d, m):
     copy_planes(out, nibble_planes(b, 4))
-    out.mul_(half(b, 0)).add_(half(b, 2))
+    out.mul_(d).add_(m)
 
 
-def q5_0(b, out):
+@with_scales(lambda b: (half(b, 0),))
+def q5_0(b, out, d):
     # (nibble | bit << 4) - 16 == nibble + (bit ? 0 : -16)
     out.copy_(five_bit_codes(b, 6, 2, one=0, zero=0xF0).view(torch.int8))
-    out.mul_(half(b, 0))
+    out.mul_(d)
 
 
-def q5_1(b, out):
+@with_scales(lambda b: (half(b, 0), half(b, 2)))
+def q5_1(b, out, d, m):
     out.copy_(five_bit_codes(b, 8, 4, one=16, zero=0))
-    out.mul_(half(b, 0)).add_(half(b, 2))
+    out.mul_(d).add_(m)
 
 
-def q8_0(b, out):
+@with_scales(lambda b: (half(b, 0),))
+def q8_0(b, out, d):
     out.copy_(b[:, 2:34].view(torch.int8))
-    out.mul_(half(b, 0))
+    out.mul_(d)
 
 
 def q8_1(b, out):
