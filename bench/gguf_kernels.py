@@ -102,8 +102,8 @@ def main() -> None:
           f"tensor {args.rows}x{args.cols}, {args.clock} clock, best of {args.repeat}")
     n_el = args.rows * args.cols
     memcpy_gbs, floor2, floor3 = reference_rates(n_el, args.device, args.repeat, clock, sync)
-    print(f"memcpy (f32 -> fresh f32): {memcpy_gbs:.1f} GB/s = {memcpy_gbs / 8 * 1e3:.0f} Melem/s; eager floor: "
-          f"int8 cast + scale {floor2:.0f} Melem/s, + offset {floor3:.0f} Melem/s")
+    print(f"memcpy (f32 -> fresh f32): {memcpy_gbs:.1f} GB/s = {memcpy_gbs / 8 * 1e3:.0f} Melem/s; "
+          f"eager floor: int8 cast + scale {floor2:.0f} Melem/s, + offset {floor3:.0f} Melem/s")
     print(f"{'type':8} {'quantload Melem/s':>18} {'gguf-py Melem/s':>16} {'ratio':>7} {'GB/s':>6} "
           f"{'%memcpy':>8} {'5x needs':>9}")
     for tid in supported_types():

@@ -18,7 +18,8 @@ from __future__ import annotations
 
 import torch
 
-from ._bits import as_bytes, cut, field, half, nibble_words, planar, rep, scalar, to_elements, with_scales, words
+from ._bits import (as_bytes, cut, field, half, nibble_words, planar, rep, scalar, to_elements, with_scales,
+                    words)
 
 
 def q2_k_scales(b):
@@ -92,7 +93,8 @@ def q5_k(b, out, dl, ml):
     h = (cut(w[:, 2:6], tuple(range(8)), rep(1), dim=0) << 4).view(4, 2, n, 4)     # [chunk, nib, n, 4]
     codes = torch.empty((n, 4, 2, 4), dtype=torch.int64, device=b.device)
     for nib in range(2):
-        torch.bitwise_or((qs >> 4 * nib if nib else qs) & rep(15), h[:, nib].movedim(1, 0), out=codes[:, :, nib])
+        nibbles = (qs >> 4 * nib if nib else qs) & rep(15)
+        torch.bitwise_or(nibbles, h[:, nib].movedim(1, 0), out=codes[:, :, nib])
     out.copy_(codes.view(torch.uint8).view(n, 256))
     out.view(n, 8, 32).mul_(dl).sub_(ml)
 
@@ -105,11 +107,12 @@ def q6_k(b, out, dl):
     n = b.shape[0]
     w = b.view(torch.int16)                                      # [n, 105]
     ql, qh = w[:, 0:64], w[:, 64:96]
-    nib = [(ql & 0x0F0F).view(torch.uint8).view(n, 2, 2, 32), ((ql >> 4) & 0x0F0F).view(torch.uint8).view(n, 2, 2, 32)]
+    nib = [(x & 0x0F0F).view(torch.uint8).view(n, 2, 2, 32) for x in (ql, ql >> 4)]
     crumbs = [(qh << 4) & 0x3030, (qh << 2) & 0x3030, qh & 0x3030, (qh >> 2) & 0x3030]
     codes = torch.empty((n, 2, 4, 32), dtype=torch.uint8, device=b.device)
     for j in range(4):
-        torch.bitwise_or(nib[j // 2][:, :, j % 2], crumbs[j].view(torch.uint8).view(n, 2, 32), out=codes[:, :, j])
+        high = crumbs[j].view(torch.uint8).view(n, 2, 32)
+        torch.bitwise_or(nib[j // 2][:, :, j % 2], high, out=codes[:, :, j])
     out.copy_(codes.view(n, 256).sub_(32).view(torch.int8))
     out.view(n, 16, 16).mul_(dl)
 
