@@ -40,7 +40,6 @@ def _measure(import_side, load, model_bytes, *, decode: bool) -> dict:
     t = time.perf_counter()
     import_side()
     out = {"import_s": time.perf_counter() - t, "import_rss": _current_rss()}
-    ids = _prompt_ids() if decode else None
     t0 = time.perf_counter()
     model = load()
     out["seconds"] = time.perf_counter() - t0
@@ -48,7 +47,8 @@ def _measure(import_side, load, model_bytes, *, decode: bool) -> dict:
     out["model_bytes"] = model_bytes(model)
     if decode:
         try:
-            out.update(greedy_decode(model, ids))
+            # the prompt's tokenizer comes after the load's figures: it is not part of either side's load
+            out.update(greedy_decode(model, _prompt_ids()))
         except Exception as e:  # keep the load figures; the decode row shows the error
             out["tokens_per_s.error"] = f"{type(e).__name__}: {e}"
     return out
