@@ -48,13 +48,17 @@ def load_model(name: str):
     raise ValueError(name)
 
 
-def decode(model, ids, n: int) -> tuple[float, list[int]]:
+def decode(model, ids, n: int, cpu: list | None = None) -> tuple[float, list[int]]:
+    """(tokens/s by the wall clock, the new tokens); `cpu` receives tokens per second of process CPU
+    time (user + system), which leaves out the time other processes held the core on a shared machine."""
     import torch
     kw = dict(do_sample=False, temperature=None, top_p=None, top_k=None, pad_token_id=0)
     with torch.inference_mode():
-        t0 = time.perf_counter()
+        c0, t0 = time.process_time(), time.perf_counter()
         out = model.generate(ids, max_new_tokens=n, min_new_tokens=n, **kw)
-        dt = time.perf_counter() - t0
+        dt, dc = time.perf_counter() - t0, time.process_time() - c0
+    if cpu is not None:
+        cpu.append(n / dc)
     return n / dt, out[0, ids.shape[1]:].tolist()
 
 
@@ -141,13 +145,14 @@ def main(argv=None) -> dict:
         kernels.set_fast_kernels(path != "exact")
         decode(models[name], ids, 2)
     speeds = {t: {v: [] for v in variants} for t in a.threads}
+    cpu_speeds = {t: {v: [] for v in variants} for t in a.threads}
     tokens = {}
     for r in range(a.repeats):
         for t in a.threads:
             torch.set_num_threads(t)
             for v in variants:
                 kernels.set_fast_kernels(v[1] != "exact")
-                tps, toks = decode(models[v[0]], ids, a.tokens)
+                tps, toks = decode(models[v[0]], ids, a.tokens, cpu_speeds[t][v])
                 speeds[t][v].append(tps)
                 tokens[v] = toks
         print(f"round {r + 1}/{a.repeats} done", flush=True)
@@ -158,6 +163,8 @@ def main(argv=None) -> dict:
     for t in a.threads:
         med = {f"{n} {p}".strip(" -"): statistics.median(s) for (n, p), s in speeds[t].items()}
         out["threads"][t] = med
+        out.setdefault("cpu_threads", {})[t] = {f"{n} {p}".strip(" -"): statistics.median(s)
+                                                for (n, p), s in cpu_speeds[t].items()}
     print_report(out, names)
     if a.json:
         with open(a.json, "w") as f:
@@ -165,15 +172,24 @@ def main(argv=None) -> dict:
     return out
 
 
+def _ratio(v, ref, width: int) -> str:
+    return f"{v / ref:{width}.2f}" if ref else " " * width
+
+
 def print_report(out: dict, names) -> None:
     for t, med in out["threads"].items():
-        print(f"\n## torch threads = {t}: greedy decode tokens/s (median)")
+        cpu = out.get("cpu_threads", {}).get(t, {})
+        print(f"\n## torch threads = {t}: greedy decode tokens/s (median); by the wall clock, then per CPU second")
         dense, hf = med.get("dense"), med.get("hf-nf4")
-        print(f"{'model/path':18s} {'tok/s':>7s} {'x dense':>8s} {'x hf-nf4':>9s}")
+        cdense, chf = cpu.get("dense"), cpu.get("hf-nf4")
+        print(f"{'model/path':18s} {'tok/s':>7s} {'x dense':>8s} {'x hf-nf4':>9s} | {'cpu tok/s':>9s} {'x dense':>8s} "
+              f"{'x hf-nf4':>9s}")
         for k, v in med.items():
-            rd = f"{v / dense:8.2f}" if dense else f"{'':8s}"
-            rh = f"{v / hf:9.2f}" if hf else ""
-            print(f"{k:18s} {v:7.2f} {rd} {rh}")
+            c = cpu.get(k)
+            row = f"{k:18s} {v:7.2f} {_ratio(v, dense, 8)} {_ratio(v, hf, 9)} |"
+            if c:
+                row += f" {c:9.2f} {_ratio(c, cdense, 8)} {_ratio(c, chf, 9)}"
+            print(row)
     print("\n## fast vs exact logits (32 greedy decode steps)")
     for name, d in out["logits"].items():
         print(f"{name:6s} max |diff| {d['max_abs']:.4f}  mean |diff| {d['mean_abs']:.4f}  "
