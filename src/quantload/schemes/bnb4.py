@@ -498,30 +498,35 @@ class Bnb4Scheme(Scheme):
         return self.compute_dtype or x_dtype
 
     def prepare_runtime(self, qt: QTensor) -> QTensor:
-        """The packed int4 kernel (runtime/kernels.py), through the table rounded to a fine integer grid
+        """Marks the weight for the int8 kernel (runtime/kernels.py), built on its first fast forward
         (see `affine_weight`). The codes and absmax stay as they are for encode() and dequantize()."""
         return kernels.attach_fast(qt, self.affine_weight)
 
-    def affine_weight(self, qt: QTensor) -> kernels.AffineWeight:
+    def affine_weight(self, qt: QTensor) -> kernels.Int8Packed:
         """NF4/FP4 is a 16-entry table per block, not affine. The fast path requantizes the exact float32
         values table[c] * absmax[block] to int8 with one scale per output row (rowmax / 127, rounded up
         to a bfloat16 so the kernel's bfloat16 scale is exact): each weight moves by at most half a
-        step, rowmax / 254, and the kernel (torch's int8 x bfloat16 matmul) reads one byte a weight,
-        half the work of the two 4-bit planes an integer grid of the table would need."""
+        step, rowmax / 254. The int8 x bfloat16 kernel reads one byte a weight and runs ~2x faster than
+        the two 4-bit planes an integer grid of the table needs (within absmax / 238), which this path
+        replaced: bench/decode.py measures both the speed and the logits against the exact path."""
         n_out, n_in = qt.shape if qt.ndim == 2 else (0, 0)
         bs = qt.meta["blocksize"]
         if qt.ndim != 2 or n_in % bs:
             raise kernels.NotEligible(f"blocks of {bs} do not tile the rows of a {list(qt.shape)} weight")
         absmax = self.block_absmax(qt)
-        return kernels.int8_rows(n_out, n_in, lambda r0, r1: dequantize_4bit(
-            qt.data["codes"][r0 * n_in // 2: r1 * n_in // 2], absmax[r0 * n_in // bs: r1 * n_in // bs],
-            (r1 - r0) * n_in, bs, qt.meta["quant_type"], torch.float32).view(r1 - r0, n_in),
-            absmax.view(n_out, n_in // bs).amax(1))
+
+        def rows(r0: int, r1: int) -> torch.Tensor:   # whole rows are whole blocks (n_in % bs == 0)
+            codes = qt.data["codes"][r0 * n_in // 2: r1 * n_in // 2]
+            w = dequantize_4bit(codes, absmax[r0 * n_in // bs: r1 * n_in // bs], (r1 - r0) * n_in, bs,
+                                qt.meta["quant_type"], torch.float32)
+            return w.view(r1 - r0, n_in)
+
+        return kernels.int8_rows(n_out, n_in, rows, absmax.view(n_out, n_in // bs).amax(1))
 
     def linear(self, x: torch.Tensor, qt: QTensor, bias: torch.Tensor | None) -> torch.Tensor:
-        """The packed kernel when prepare_runtime made one; else Linear4bit.forward without bnb's
-        AVX512-BF16 repacking: dequantize to the compute dtype (fp32 math, one rounding), matmul, cast
-        back to the input dtype."""
+        """The packed kernel when the fast kernels are on and it applies (kernels.fast_linear); else
+        Linear4bit.forward without bnb's AVX512-BF16 repacking: dequantize to the compute dtype (fp32
+        math, one rounding), matmul, cast back to the input dtype."""
         y = kernels.fast_linear(x, qt, bias)
         if y is not None:
             return y
