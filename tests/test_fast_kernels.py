@@ -372,3 +372,14 @@ def test_nf4_int8_rows_bound_and_bfloat16_scales():
     assert y.shape == (2, 3, 40) and torch.equal(y, kernels._Packed.__call__(kernel, x, None))
     xt = x.transpose(0, 1)                                  # a non-contiguous input, through the scheme
     assert torch.equal(scheme.linear(xt, scheme.prepare_runtime(qt), None), y.transpose(0, 1))
+
+
+def test_the_repacked_copy_counts_in_the_weights_bytes(fast_on):
+    scheme, qt = _ct_int4()
+    packed_only = qt.nbytes
+    prepared = scheme.prepare_runtime(qt)
+    assert prepared.nbytes == packed_only                  # repacking waits for the first fast forward
+    with torch.inference_mode():
+        scheme.linear(torch.randn(1, qt.shape[1]), prepared, None)
+    fast = prepared.meta[kernels.FAST_KEY]
+    assert fast.nbytes > 0 and prepared.nbytes == packed_only + fast.nbytes

@@ -47,8 +47,11 @@ class QTensor:
 
     @property
     def nbytes(self) -> int:
-        """Bytes held in memory by the packed data and every metadata tensor."""
-        return sum(t.numel() * t.element_size() for t in self.data.values())
+        """Bytes held in memory by the packed data and every metadata tensor, plus the repacked copy a
+        fast kernel keeps beside them (runtime/kernels.py; made on the first fast forward)."""
+        fast = self.meta.get("fast")
+        return (sum(t.numel() * t.element_size() for t in self.data.values())
+                + (fast.nbytes if fast is not None else 0))
 
     @property
     def is_meta(self) -> bool:
