@@ -167,7 +167,8 @@ def _load_checkpoint(source, path, report, t0, *, quantize, dtype, device_map, m
     report.seconds["prepare"] = time.perf_counter() - t1
 
     load_weights(model, weights, dtype=dtype, device_of=device_of, report=report,
-                 progress=_progress("loading", progress), offloader=offloader)
+                 progress=_progress("loading", progress), offloader=offloader,
+                 quantizing=user_spec is not None and ckpt_spec is None)
     report.tensors_read, report.bytes_read = weights.tensors_read, weights.bytes_read
     t2 = time.perf_counter()
     finalize(model, spec=spec, report=report, weights=weights, file=path, ignorable_unexpected=_IGNORABLE,

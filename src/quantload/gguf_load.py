@@ -131,7 +131,7 @@ def load_gguf(source, *, report: LoadReport, t0: float, quantize, dtype, device_
 
     weights = GGUFWeights(source, mm, dtype)
     load_weights(model, weights, dtype=dtype, device_of=device_of, report=report,
-                 progress=_progress("loading", progress), offloader=offloader)
+                 progress=_progress("loading", progress), offloader=offloader, quantizing=spec is not None)
     report.tensors_read, report.bytes_read = weights.tensors_read, weights.bytes_read
     t2 = time.perf_counter()
     finalize(model, spec=spec, report=report, weights=weights, file=source.path, offloader=offloader)
