@@ -153,7 +153,9 @@ def load_weights(model: nn.Module, weights: Weights, *, dtype: torch.dtype,
         # Decoding a pre-quantized checkpoint on the CPU is ~200 short, Python-bound jobs: threads only
         # add GIL hand-offs there (measured 45 -> 126 ms for SmolLM2 NF4). Quantizing, or feeding a GPU
         # (reads overlap the transfers), is where the pool pays.
-        workers = load_workers() if quantizing or torch.cuda.is_available() else 1
+        # (QUANTLOAD_LOAD_WORKERS, when set, decides in every case)
+        explicit = bool(os.environ.get("QUANTLOAD_LOAD_WORKERS"))
+        workers = load_workers() if explicit or quantizing or torch.cuda.is_available() else 1
     pipe = _Pipeline(workers, bytes_in_flight or DEFAULT_BYTES_IN_FLIGHT)
     pad = _AllocatorPad() if quantizing else None
 
