@@ -282,3 +282,23 @@ def test_unknown_and_unsupported_types():
 def test_missing_weight_piece():
     with pytest.raises(MissingTensorError, match=r"blk\.0\.ffn_down\.weight"):
         gguf_scheme(tid("Q8_0")).decode({}, shape=(1, 32), file="f.gguf", prefix="blk.0.ffn_down")
+
+
+def test_a_row_order_acts_like_the_permuted_rows():
+    """llama q/k: the model's rows are a permutation of the file's; the blocks stay in file order and every
+    use (linear, dequantize, encode, embedding, packed kernel weights) sees the permuted weight."""
+    from quantload.schemes.base import QTensor
+    from quantload.schemes.gguf.scheme import ROW_ORDER, gguf_scheme
+    scheme = gguf_scheme(3)  # Q4_1
+    blocks = random_blocks(3, 8 * 4, seed=5).reshape(8, -1)  # 8 rows of 4 blocks = 128 columns
+    order = torch.randperm(8, generator=torch.Generator().manual_seed(1))
+    lazy = QTensor(scheme, {"blocks": blocks}, (8, 128), torch.float32, {ROW_ORDER: order})
+    moved = QTensor(scheme, {"blocks": blocks[order]}, (8, 128), torch.float32, {})
+    x = torch.randn(3, 128, generator=torch.Generator().manual_seed(2))
+    bias = torch.randn(8)
+    assert torch.equal(lazy.dequantize(torch.float32), moved.dequantize(torch.float32))
+    assert torch.equal(scheme.encode(lazy)["weight"], scheme.encode(moved)["weight"])
+    assert torch.allclose(scheme.linear(x, lazy, bias), scheme.linear(x, moved, bias), atol=1e-5)
+    ids = torch.tensor([[0, 7, 3], [2, 2, 5]])
+    assert torch.equal(scheme.embedding(ids, lazy, torch.float32), scheme.embedding(ids, moved, torch.float32))
+    assert torch.equal(scheme.affine_weight(lazy).codes, scheme.affine_weight(moved).codes)

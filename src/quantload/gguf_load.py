@@ -2,7 +2,8 @@
 
 architectures/ maps GGUF metadata to a transformers config and GGUF tensor names to the model's
 parameter names (with the transforms some families need); the GGUF schemes decode blocks. Transforms
-that only permute rows (llama q/k) are applied to the packed block rows, so nothing is dequantized.
+that only permute rows (llama q/k) become a row order the GGUF scheme applies to each output, so the
+blocks stay the file's bytes, untouched in the map, and nothing is dequantized.
 """
 from __future__ import annotations
 
@@ -42,6 +43,7 @@ class GGUFWeights(Weights):
 
     def qtensor(self, module_name: str, mod: _QModule):
         from .schemes.gguf import GGUFScheme
+        from .schemes.gguf.scheme import ROW_ORDER
         if not isinstance(mod.scheme, GGUFScheme):
             return None
         ref = self.map.params.get(f"{module_name}.weight")
@@ -55,8 +57,8 @@ class GGUFWeights(Weights):
             if perm is None:
                 raise AssertionError(f"{module_name}: transform is not a row permutation; prepare should "
                                      "have kept this module in float")
-            qt.data["blocks"] = qt.data["blocks"][perm]
-            self.source.release(ref.gguf_name)  # the permuted copy is what stays: let the file's pages go
+            # the blocks stay the file's bytes (untouched in the map); outputs are reordered per forward
+            qt.meta[ROW_ORDER] = perm
         qt.dtype = self.dtype
         return qt
 

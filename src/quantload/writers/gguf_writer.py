@@ -106,6 +106,7 @@ def _float32(weight, name: str) -> torch.Tensor:
 
 def _producer(weight, transform, gguf_name: str, ggml_type: int, hf_name: str) -> Callable[[], torch.Tensor]:
     from ..schemes.gguf import GGUFScheme, gguf_scheme
+    from ..schemes.gguf.scheme import model_blocks
 
     if (isinstance(weight, QTensor) and isinstance(weight.scheme, GGUFScheme)
             and weight.scheme.type_id == ggml_type):
@@ -116,7 +117,7 @@ def _producer(weight, transform, gguf_name: str, ggml_type: int, hf_name: str) -
             def copy_blocks():
                 if weight.is_meta:
                     raise ConfigError("cannot save: the weight is still on the meta device", key=hf_name)
-                blocks = weight.data["blocks"]
+                blocks = model_blocks(weight)
                 return blocks.index_select(0, perm.to(blocks.device)) if perm is not None else blocks
             return copy_blocks
 

@@ -24,6 +24,11 @@ from .quantize import quantize_blocks
 #: plain float types whose blocks can be read in place as a torch tensor
 _PLAIN = {0: torch.float32, 1: torch.float16, 30: torch.bfloat16}
 
+#: qt.meta[ROW_ORDER]: int64 [rows], model row i is data["blocks"] row ROW_ORDER[i]. Set when the model's
+#: rows are a permutation of the file's (llama q/k): the blocks stay the file's bytes, untouched in the
+#: map, and the permutation is applied to each output instead (a gather of a few hundred values per token).
+ROW_ORDER = "row_order"
+
 
 class GGUFScheme(Scheme):
     """One ggml type. Keys: the tensor itself ("weight" relative to the module prefix)."""
@@ -80,14 +85,15 @@ class GGUFScheme(Scheme):
         return QTensor(self, {"blocks": blocks}, shape, torch.float32, {"ggml_type": self.type_id})
 
     def encode(self, qt: QTensor) -> dict[str, torch.Tensor]:
-        """The raw bytes as the file stores them (1-D uint8)."""
-        return {"weight": qt.data["blocks"].contiguous().reshape(-1)}
+        """The raw bytes in the model's row order (1-D uint8)."""
+        return {"weight": model_blocks(qt).contiguous().reshape(-1)}
 
     # --- dequantize -----------------------------------------------------------------------------------
     def _read_in_place(self, qt: QTensor, dtype: torch.dtype) -> torch.Tensor | None:
         """The weight as a view of its bytes, when it is a plain float type already in `dtype` (no math)."""
         blocks = qt.data["blocks"]
-        if _PLAIN.get(self.type_id) != dtype or blocks.is_meta or not blocks.is_contiguous():
+        if (_PLAIN.get(self.type_id) != dtype or blocks.is_meta or not blocks.is_contiguous()
+                or ROW_ORDER in qt.meta):
             return None
         if blocks.storage_offset() % blocks.new_empty((), dtype=dtype).element_size():
             return None
@@ -95,7 +101,7 @@ class GGUFScheme(Scheme):
 
     def dequantize(self, qt: QTensor, dtype: torch.dtype) -> torch.Tensor:
         """A new tensor of qt.shape in `dtype` (gguf-py's float32 values, cast)."""
-        return dequantize_blocks(self.type_id, qt.data["blocks"], dtype).view(qt.shape)
+        return dequantize_blocks(self.type_id, model_blocks(qt), dtype).view(qt.shape)
 
     def linear(self, x: torch.Tensor, qt: QTensor, bias: torch.Tensor | None) -> torch.Tensor:
         """The packed kernel when prepare_runtime made one (runtime/kernels.py); else dequantize per call
@@ -103,6 +109,11 @@ class GGUFScheme(Scheme):
         y = kernels.fast_linear(x, qt, bias)
         if y is not None:
             return y
+        order = qt.meta.get(ROW_ORDER)
+        if order is not None:  # rows in the file's order: compute those outputs, then reorder them
+            w = dequantize_blocks(self.type_id, qt.data["blocks"], x.dtype).view(qt.shape)
+            y = F.linear(x, w).index_select(-1, order.to(x.device))
+            return y + bias.to(x.dtype) if bias is not None else y
         w = self._read_in_place(qt, x.dtype)
         if w is None:
             w = self.dequantize(qt, x.dtype)
@@ -117,7 +128,7 @@ class GGUFScheme(Scheme):
         """Codes [rows, cols] with one scale and zero (or offset m) per block of a row."""
         if qt.ndim != 2:
             raise kernels.NotEligible(f"{qt.ndim}-d tensor")
-        b = qt.data["blocks"].reshape(-1, self.type_size)
+        b = model_blocks(qt).reshape(-1, self.type_size)
         parts = affine_codes(self.type_id, b)
         if parts is None:
             raise kernels.NotEligible(f"{self.ggml.name} blocks have no packed kernel")
@@ -133,7 +144,11 @@ class GGUFScheme(Scheme):
             raise ShapeMismatchError(f"an embedding table must be 2-D, this {self.ggml.name} weight has "
                                      f"shape {tuple(qt.shape)}")
         blocks = qt.data["blocks"]
-        rows = blocks.index_select(0, ids.reshape(-1).to(blocks.device))
+        flat = ids.reshape(-1).to(blocks.device)
+        order = qt.meta.get(ROW_ORDER)
+        if order is not None:
+            flat = order.to(blocks.device)[flat]
+        rows = blocks.index_select(0, flat)
         return dequantize_blocks(self.type_id, rows, dtype).view(*ids.shape, qt.shape[1])
 
     # --- quantize -------------------------------------------------------------------------------------
@@ -146,6 +161,13 @@ class GGUFScheme(Scheme):
 
     def __repr__(self) -> str:
         return f"GGUFScheme({self.ggml.name}, block {self.block_size} elems / {self.type_size} bytes)"
+
+
+def model_blocks(qt: QTensor) -> torch.Tensor:
+    """data["blocks"] in the model's row order (a copy only when a ROW_ORDER is set)."""
+    blocks = qt.data["blocks"]
+    order = qt.meta.get(ROW_ORDER)
+    return blocks if order is None else blocks.index_select(0, order.to(blocks.device))
 
 
 @functools.lru_cache(maxsize=None)
