@@ -69,6 +69,8 @@ RUNNERS = {r.name: r for r in [
     Runner("hf.nf4_decode", "loads:hf_nf4_decode", ALTERNATIVE,
            "transformers + bitsandbytes from_pretrained(NF4 checkpoint, dtype=float32)", requires=(_BNB,),
            needs=("bf16", "nf4")),
+    Runner("ql.gguf_decode", "loads:ql_gguf_decode", QUANTLOAD, "quantload.load(.gguf), packed kernels",
+           needs=("bf16",)),
     Runner("ql.int4", "loads:ql_int4", QUANTLOAD, 'quantload.load(bf16, quantize="int4")', needs=("bf16",)),
     Runner("ql.dense", "loads:ql_dense", QUANTLOAD, "quantload.load(bf16, dtype=float32)", needs=("bf16",)),
     Runner("hf.dense", "loads:hf_dense", ALTERNATIVE, "transformers from_pretrained(bf16, dtype=float32)",
@@ -125,13 +127,15 @@ CASES = [
          "hf.nf4_decode", (_tokens(3, ">= 3x"),)),
     Case("decode_int4", "greedy decode, quantload int4 affine vs transformers + bnb NF4", "ql.int4",
          "hf.nf4_decode", (_tokens(3, ">= 3x"),)),
-    Case("decode_gguf_q4_1", "greedy decode, quantload GGUF Q4_1 vs transformers + bnb NF4", "ql.gguf_smollm2",
+    Case("decode_gguf_q4_1", "greedy decode, quantload GGUF Q4_1 (packed kernels) vs transformers + bnb NF4",
+         "ql.gguf_decode",
          "hf.nf4_decode", (_tokens(3, ">= 3x"),)),
     Case("decode_int4_vs_dense", "greedy decode, quantload int4 affine vs transformers float32 dense", "ql.int4",
          "hf.dense", (_tokens(1, ">= 1x"),)),
     Case("decode_dense", "greedy decode, float32 dense: quantload vs transformers", "ql.dense", "hf.dense",
          (_tokens(),)),
-    Case("decode_gguf_vs_hf_gguf", "greedy decode, GGUF Q4_1: quantload (blocks) vs transformers (dequantized)",
+    Case("decode_gguf_vs_hf_gguf", "greedy decode, GGUF Q4_1: quantload (blocks, exact path) vs transformers "
+         "(dequantized)",
          "ql.gguf_smollm2", "hf.gguf_smollm2", (_tokens(),)),
 ]
 CASES_BY_NAME = {c.name: c for c in CASES}

@@ -138,6 +138,12 @@ def ql_gguf_smollm2() -> dict:
     return _measure(_import_quantload, _ql_load(inputs.smollm2_gguf()), _quantload_bytes, decode=True)
 
 
+def ql_gguf_decode() -> dict:
+    """GGUF Q4_1 on the opt-in packed kernels (Q4_1 maps onto torch's int4pack; repacked on first forward)."""
+    return _measure(_import_quantload, _ql_load(inputs.smollm2_gguf(), fast_kernels=True), _quantload_bytes,
+                    decode=True)
+
+
 def ql_gguf_gemma() -> dict:
     return _measure(_import_quantload, _ql_load(inputs.gemma_gguf()), _quantload_bytes, decode=False)
 
