@@ -117,10 +117,10 @@ def test_token_agreement_note():
 def test_schedule_alternates_sides_and_runs_a_shared_runner_once_per_repeat():
     cases = [CASES_BY_NAME[n] for n in ("decode_nf4", "decode_int4", "decode_gguf_q4_1")]
     status = _status(**{"ql.nf4_decode": "ran", "hf.nf4_decode": "ran", "ql.int4": "skipped",
-                        "ql.gguf_smollm2": "ran"})
+                        "ql.gguf_decode": "ran"})
     order = run.schedule(cases, status, 2)
-    assert order == [(0, "ql.nf4_decode"), (0, "hf.nf4_decode"), (0, "ql.gguf_smollm2"),
-                     (1, "hf.nf4_decode"), (1, "ql.nf4_decode"), (1, "ql.gguf_smollm2")]
+    assert order == [(0, "ql.nf4_decode"), (0, "hf.nf4_decode"), (0, "ql.gguf_decode"),
+                     (1, "hf.nf4_decode"), (1, "ql.nf4_decode"), (1, "ql.gguf_decode")]
 
 
 def test_runner_status_without_the_alternatives_installed():
