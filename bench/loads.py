@@ -165,8 +165,11 @@ def ql_nf4_decode() -> dict:
 
 
 def ql_int4() -> dict:
-    return _measure(_import_quantload, _ql_load(inputs.bf16_dir(), quantize="int4", fast_kernels=True,
-                                                dtype="float32"), _quantload_bytes, decode=True)
+    """int4 affine, symmetric, group 64: SmolLM2's 576-wide layers take no group of 128 (quantize="int4"
+    leaves all but down_proj dense there), 64 divides every one of its layer widths."""
+    from quantload.schemes.affine import ct_config
+    return _measure(_import_quantload, _ql_load(inputs.bf16_dir(), quantize=ct_config(4, group_size=64),
+                                                fast_kernels=True, dtype="float32"), _quantload_bytes, decode=True)
 
 
 def ql_dense() -> dict:
