@@ -493,3 +493,23 @@ def test_llama_sequential_spills_and_never_splits_a_decoder_layer(tmp_path):
     assert by["cpu"].kv_cache == 0 and by["disk"].kv_cache == 0
     assert by["cuda:0"].kv_cache == (order.count(0) + offloaded) * kv_per_layer
     assert f"KV cache of the {offloaded} offloaded layers" in plan.headroom_rule
+
+
+def test_a_gpu_crowded_out_by_its_reservation_plans_for_the_cpu(tmp_path):
+    """A GPU budget too small for one block beside the room kept for offloaded modules gets nothing: the
+    model then runs on the CPU, which must also hold the KV cache of the layers on disk (it used to be
+    charged to "disk", and the CPU's budget was exceeded at run time)."""
+    model = tiny_llama(layers=8, tie=False)
+    sizes = tensor_sizes(model)
+    total = sum(sizes.values())
+    kv_per_layer, activations = estimate_runtime_bytes(model.config, context_tokens=64, dtype=torch.float32)
+    block = sum(v for k, v in sizes.items() if k.startswith("model.layers.0."))
+    plan = plan_placement(model, device_map="auto", devices=machine(activations + block, cpu=total // 3,
+                                                                     disk=10 * total),
+                          offload_folder=tmp_path, context_tokens=64)
+    assert "cuda:0" not in plan.device_map.values()
+    assert any("cuda:0" in w and "runs on the CPU" in w for w in plan.warnings)
+    by = {d.name: d for d in plan.devices}
+    assert by["disk"].kv_cache == 0 and by["cpu"].kv_cache == 8 * kv_per_layer
+    assert by["cpu"].weights + by["cpu"].kv_cache + by["cpu"].reserved <= by["cpu"].budget
+    check_invariants(plan, model, sizes, ties=(), block_cls="LlamaDecoderLayer")

@@ -543,7 +543,21 @@ def _plan(model, sizes, device_map, max_memory, no_split_module_classes, tied_gr
         plan = _finish(index, sizing, tensor_device, budgets, capacity, room, mode, offload_folder)
         _check_explicit(plan, index, sizing, groups, blocks)
         return plan
-    return _plan_greedy(index, sizing, mode, budgets, capacity, room, offload_folder)
+    plan = _plan_greedy(index, sizing, mode, budgets, capacity, room, offload_folder)
+    gpus = [d for d in compute if d != "cpu"]
+    if gpus and not any(_is_compute(d) for d in plan.device_map.values() if d != "disk"):
+        # The room kept on the GPUs for running offloaded modules (and their KV cache) left them no module:
+        # then nothing runs there (the model computes where its first GPU module is, and there is none),
+        # and the CPU holds the KV cache of the layers on disk. Plan for the machine that will run it.
+        cpu_budgets = {d: b for d, b in budgets.items() if d not in gpus}
+        cpu_room = _headroom(headroom, cpu_budgets, ["cpu"], known, config, len(blocks), context_tokens,
+                             batch_size, _model_dtype(model))
+        plan = _plan_greedy(index, _Sizing(index, groups, no_split, blocks, cpu_room.kv_per_block), mode,
+                            cpu_budgets, capacity, cpu_room, offload_folder)
+        plan.warnings.append(f"{', '.join(gpus)}: the budget ({', '.join(format_bytes(budgets[g]) for g in gpus)}) "
+                             f"holds no module beside the room for running offloaded ones and the activations "
+                             f"({room.rule}); the model runs on the CPU. Give the GPU more memory to use it")
+    return plan
 
 
 def _budgets(capacity: dict[str, int], max_memory, known, offload_folder) -> dict[str, int]:
@@ -760,8 +774,10 @@ def _plan_greedy(index, sizing: _Sizing, mode, budgets, capacity, room: _Headroo
         if needed + len(blocks) * sizing.kv_per_block <= reserve:
             break
         staging, kv_moved = max(staging, needed), kv_moved | blocks
-    if reserve and exec_device not in tensor_device:   # the reservation crowded out the GPUs: all runs
-        staging, kv_moved = 0, set()                     # where it is stored, nothing needs staging
+    if reserve and exec_device != "cpu" and exec_device not in tensor_device:
+        # the reservation crowded out the GPUs: all runs where it is stored, nothing needs staging (the
+        # caller then plans again for the CPU; the CPU itself always runs what is on disk)
+        staging, kv_moved = 0, set()
     reserved = dict(room.fixed)
     reserved[exec_device] = reserved.get(exec_device, 0) + staging
     rule = room.rule + (f"; {format_bytes(staging)} on {exec_device} to run the largest offloaded module"
@@ -795,7 +811,7 @@ def _tensor_devices(index, assignment) -> list[str]:
 def _staging_needed(sizing: _Sizing, tensor_device, exec_device, room_there) -> tuple[int, set, list]:
     """Bytes of the largest offloaded module that can be brought to `exec_device` (a no-split block or a
     leaf module), the offloaded blocks run there, and the offloaded modules too large to be brought."""
-    if exec_device not in tensor_device:   # nothing runs there: everything runs where it is stored
+    if exec_device != "cpu" and exec_device not in tensor_device:   # an unused GPU runs nothing
         return 0, set(), []
     offloaded: dict[str, int] = {}
     for i, dev in enumerate(tensor_device):
