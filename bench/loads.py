@@ -19,7 +19,8 @@ DECODE_TOKENS = 20
 
 def _peak_rss() -> int:
     """This process's peak resident memory: VmHWM on Linux (ru_maxrss may carry the parent's size over
-    the exec that started this worker)."""
+    the exec that started this worker). quantload.report.peak_rss_bytes does the same, but importing
+    quantload here would load it into the alternative's workers and their import baseline."""
     try:
         with open("/proc/self/status") as f:
             for line in f:

@@ -12,7 +12,6 @@ from __future__ import annotations
 import json
 import os
 import pathlib
-import re
 import subprocess
 import sys
 import tempfile
@@ -52,11 +51,13 @@ def same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
 
 
 def hwm_mib() -> int:
-    return int(re.search(r"VmHWM:\s+(\d+)", open("/proc/self/status").read()).group(1)) // 1024
+    from quantload.report import peak_rss_bytes
+    return peak_rss_bytes() >> 20
 
 
 def rss_mib() -> int:
-    return int(re.search(r"VmRSS:\s+(\d+)", open("/proc/self/status").read()).group(1)) // 1024
+    from quantload.report import current_rss_bytes
+    return current_rss_bytes() >> 20
 
 
 # --- kernels ----------------------------------------------------------------------------------------

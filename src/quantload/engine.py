@@ -231,7 +231,7 @@ def load_weights(model: nn.Module, weights: Weights, *, dtype: torch.dtype,
 
     try:
         for name, mod in qmods.items():
-            cost = mod._logical_shape.numel() * _itemsize(mod._logical_dtype)
+            cost = mod._logical_shape.numel() * mod._logical_dtype.itemsize
             for r in pipe.submit(cost, quantized_job, name, mod):
                 install(r)
         for pname, p in params:
@@ -255,10 +255,6 @@ def load_weights(model: nn.Module, weights: Weights, *, dtype: torch.dtype,
     if bar:
         bar.close()
     report.seconds["load"] = time.perf_counter() - t0
-
-
-def _itemsize(dtype: torch.dtype) -> int:
-    return dtype.itemsize
 
 
 class _AllocatorPad:

@@ -545,7 +545,7 @@ def _plan(model, sizes, device_map, max_memory, no_split_module_classes, tied_gr
         return plan
     plan = _plan_greedy(index, sizing, mode, budgets, capacity, room, offload_folder)
     gpus = [d for d in compute if d != "cpu"]
-    if gpus and not any(_is_compute(d) for d in plan.device_map.values() if d != "disk"):
+    if gpus and not any(_is_compute(d) for d in plan.device_map.values()):
         # The room kept on the GPUs for running offloaded modules (and their KV cache) left them no module:
         # then nothing runs there (the model computes where its first GPU module is, and there is none),
         # and the CPU holds the KV cache of the layers on disk. Plan for the machine that will run it.

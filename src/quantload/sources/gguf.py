@@ -490,18 +490,6 @@ class GGUFSource(Source):
             raw = raw.clone()
         return raw.view(dtype).view(tuple(reversed(r.ne)))
 
-    def release(self, name: str) -> None:
-        """Drop the pages of a consumed tensor (copied, permuted, dequantized) from resident memory;
-        views of it read the file again if touched."""
-        r = self._tensors.get(name)
-        if r is None or self._mm is None or not hasattr(mmap, "MADV_DONTNEED"):
-            return
-        page = mmap.PAGESIZE
-        begin = self.data_offset + r.offset
-        start, end = -(-begin // page) * page, (begin + r.nbytes) // page * page
-        if end > start:
-            self._mm.madvise(mmap.MADV_DONTNEED, start, end - start)
-
     def close(self) -> None:
         self._bytes = None
         if self._mm is not None:
