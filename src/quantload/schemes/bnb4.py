@@ -1,4 +1,4 @@
-"""bitsandbytes 4-bit (NF4 / FP4) as `Linear4bit` / `Params4bit` write it: formats.md §1. Plain torch,
+"""bitsandbytes 4-bit (NF4 / FP4) as `Linear4bit` / `Params4bit` write it: docs/formats.md §1. Plain torch,
 bitsandbytes is never imported.
 
 Per Linear weight of n = O*I elements, blocks of `blocksize` consecutive elements of the flattened weight:
@@ -44,7 +44,7 @@ _COMPANIONS = ("weight.absmax", "weight.quant_map", "weight.nested_absmax", "wei
 _JSON_KEYS = ("quant_type", "blocksize", "dtype", "shape")
 _NESTED_JSON_KEYS = ("nested_blocksize", "nested_dtype", "nested_offset")
 
-# The two 16-entry tables as float32 bit patterns (formats.md §1.4), index = 4-bit code.
+# The two 16-entry tables as float32 bit patterns (docs/formats.md §1.4), index = 4-bit code.
 _TABLE_BITS = {
     "nf4": (0xbf800000, 0xbf3239b1, 0xbf066b30, 0xbeca32a0, 0xbe91a24d, 0xbe3d353f, 0xbdba7871, 0x00000000,
             0x3da2faff, 0x3e24cae3, 0x3e7c04dd, 0x3ead033a, 0x3ee1a4b8, 0x3f1007ab, 0x3f3913b3, 0x3f800000),
@@ -544,7 +544,7 @@ class Bnb4Scheme(Scheme):
 
 # --- quant_state JSON -------------------------------------------------------------------------------
 def _parse_quant_state(blob: torch.Tensor, suffix: str, *, file, key) -> dict:
-    """Validate the packed JSON (formats.md §1.1) and return quant_type, blocksize, dtype (torch),
+    """Validate the packed JSON (docs/formats.md §1.1) and return quant_type, blocksize, dtype (torch),
     shape (tuple) and, with double quant, nested_blocksize and nested_offset (float32 value)."""
     type_name = suffix[len(QS_PREFIX):]
     if not type_name.startswith(QS_TYPE_PREFIX):
