@@ -12,11 +12,11 @@ from torch import nn
 # load (~15 ms of module imports that a timed load would otherwise pay once).
 from . import schemes  # noqa: F401  (registers every scheme family)
 from .checkpoint_weights import CheckpointWeights, index_by_module
-from .config import QuantSpec, parse_dtype, resolve_quantize
+from .config import QuantSpec, check_quantize_request, parse_dtype, resolve_quantize
 from .engine import load_weights
 from .errors import ConfigError, QuantloadError
 from .finalize import finalize, tied_pairs
-from .prepare import build_skeleton, named_tensors, read_config_dir, replace_modules
+from .prepare import build_skeleton, check_quantized_tensors, named_tensors, read_config_dir, replace_modules
 from .report import LoadReport, current_rss_bytes
 from .schemes.registry import spec_from_dict
 from .sources import open_source
@@ -101,13 +101,15 @@ def _tied_groups(model, sizes) -> list[list[str]]:
 
 def load(path, *, quantize=None, dtype=None, device_map="cpu", max_memory=None, offload_folder=None,
          trust_remote_code: bool = False, dequantize: bool = False, model: nn.Module | None = None,
-         progress: bool = True) -> nn.Module:
+         progress: bool = True, strict: bool = True) -> nn.Module:
     """Load a checkpoint (directory, safetensors, .bin/.pt or .gguf) into a ready model.
 
     quantize: None (keep what the checkpoint has), a short name ("nf4", "fp4", "int8", "int4", ...),
     a transformers-style quantization_config dict (e.g. BitsAndBytesConfig(...).to_dict()) or a QuantSpec.
     dequantize: GGUF only, give a plain float model instead of keeping blocks quantized.
     model: your own nn.Module to load into (parameters may be on meta) instead of building from config.json.
+    strict: a checkpoint tensor the model does not consume is an error; strict=False drops them, listed
+    in model.load_report.unexpected_keys.
     """
     path = os.fspath(path)
     report = LoadReport(path=path, rss_before=current_rss_bytes())
@@ -120,28 +122,30 @@ def load(path, *, quantize=None, dtype=None, device_map="cpu", max_memory=None, 
             from .gguf_load import load_gguf
             return load_gguf(source, report=report, t0=t0, quantize=quantize, dtype=dtype, device_map=device_map,
                              max_memory=max_memory, offload_folder=offload_folder, dequantize=dequantize,
-                             progress=progress)
+                             progress=progress, strict=strict)
         return _load_checkpoint(source, path, report, t0, quantize=quantize, dtype=dtype, device_map=device_map,
                                 max_memory=max_memory, offload_folder=offload_folder,
-                                trust_remote_code=trust_remote_code, model=model, progress=progress)
+                                trust_remote_code=trust_remote_code, model=model, progress=progress,
+                                strict=strict)
     finally:
         source.close()
 
 
 def _load_checkpoint(source, path, report, t0, *, quantize, dtype, device_map, max_memory, offload_folder,
-                     trust_remote_code, model, progress):
+                     trust_remote_code, model, progress, strict=True):
     config = read_config_dir(path) if model is None else getattr(model, "config", None)
+    config_file = os.path.join(path if os.path.isdir(path) else os.path.dirname(os.path.abspath(path)), "config.json")
     ckpt_spec = checkpoint_spec(path, config) if config is not None or model is None else None
     user_spec = resolve_quantize(quantize)
-    if ckpt_spec is not None and user_spec is not None and ckpt_spec.method != user_spec.method:
-        raise ConfigError(f"the checkpoint is already quantized with {ckpt_spec.method!r}; "
-                          f"quantize={quantize!r} would need a float checkpoint", file=path)
+    check_quantize_request(ckpt_spec, user_spec, quantize, file=config_file)
+    if config is not None:
+        check_quantized_tensors(ckpt_spec, source.keys(), file=config_file)
     spec = ckpt_spec or user_spec
     report.quant_method = spec.method if spec else None
     report.prequantized = ckpt_spec is not None
     if dtype is None:
         cd = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None)
-        dtype = parse_dtype(cd) if isinstance(cd, (str, torch.dtype)) else torch.float32
+        dtype = parse_dtype(cd, file=config_file, key="dtype") if isinstance(cd, (str, torch.dtype)) else torch.float32
     report.seconds["open"] = time.perf_counter() - t0
 
     t1 = time.perf_counter()
@@ -149,7 +153,7 @@ def _load_checkpoint(source, path, report, t0, *, quantize, dtype, device_map, m
         if config is None:
             raise ConfigError("no config.json beside the weights: pass model= (your nn.Module) or a "
                               "directory with config.json", file=path)
-        model = build_skeleton(config, dtype, trust_remote_code=trust_remote_code)
+        model = build_skeleton(config, dtype, trust_remote_code=trust_remote_code, source=source, file=config_file)
     modules = list(model.named_modules())
     names = [n for n, _ in named_tensors(modules, "_parameters")] + [n for n, _ in named_tensors(modules, "_buffers")]
     weights = CheckpointWeights(source, names, getattr(model, "base_model_prefix", None))
@@ -172,7 +176,7 @@ def _load_checkpoint(source, path, report, t0, *, quantize, dtype, device_map, m
     report.tensors_read, report.bytes_read = weights.tensors_read, weights.bytes_read
     t2 = time.perf_counter()
     finalize(model, spec=spec, report=report, weights=weights, file=path, ignorable_unexpected=_IGNORABLE,
-             offloader=offloader)
+             offloader=offloader, strict=strict)
     if plan is not None:
         model.device_plan = plan
     report.seconds["finalize"] = time.perf_counter() - t2

@@ -243,6 +243,8 @@ class GGUFSource(Source):
         self.metadata = self.fields
         self.alignment = DEFAULT_ALIGNMENT
         self._tensors: dict[str, _TensorRecord] = {}
+        from . import require_regular_file
+        require_regular_file(self.path)
         self._mm = self._map()
         try:
             self._parse(_Cursor(self._mm, self.path))
