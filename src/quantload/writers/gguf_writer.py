@@ -35,7 +35,7 @@ from ..errors import ConfigError, ShapeMismatchError, UnsupportedError, WriteErr
 from ..ggml_types import GGML_TYPES, row_bytes
 from ..schemes.base import QTensor
 from .gguf_format import DEFAULT_ALIGNMENT, align_offset, check_alignment, encode_header, encode_tensor_info
-from .staging import fsync_dir, remove_leftovers, step, temp_name, writing
+from .staging import fsync_dir, make_parent, remove_leftovers, step, temp_name, writing
 
 F32, F16, BF16 = 0, 1, 30
 GGML_QNT_VERSION = 2
@@ -225,7 +225,7 @@ def save_gguf(model: nn.Module, path, *, tokenizer=None, quantize: str | None = 
     with writing(path):
         if os.path.isdir(path):
             raise WriteError("is a directory; a GGUF is written as one file", file=path)
-        os.makedirs(d, exist_ok=True)
+        make_parent(path)
         remove_leftovers(d, os.path.basename(path))
         tmp = os.path.join(d, temp_name(os.path.basename(path)))
         # a plain create: the user's umask gives the mode (mkstemp made it 0600)

@@ -194,13 +194,19 @@ def target_directory(out: str) -> str:
         if os.path.lexists(out) and not os.path.isdir(out):
             raise WriteError("exists and is not a directory: a checkpoint is written as a directory "
                              "(give a new path, or one ending in .gguf for a single file)", file=out)
-        parent = os.path.dirname(out)
+        make_parent(out)
+    return out
+
+
+def make_parent(out: str) -> None:
+    """Create the folders above `out`, refusing clearly where one of them is a file."""
+    parent = os.path.dirname(os.path.abspath(out))
+    with writing(out):
         for p in _ancestors(parent):
             if os.path.lexists(p) and not os.path.isdir(p):
                 raise WriteError(f"{p} is a file, not a directory, so nothing can be written below it",
                                  file=out)
         os.makedirs(parent, exist_ok=True)
-    return out
 
 
 def _ancestors(path: str) -> list[str]:
