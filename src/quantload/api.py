@@ -247,7 +247,8 @@ def load_tokenizer(path, **kwargs):
 def save(model: nn.Module, out, *, max_shard_size=None, tokenizer=None, **kwargs) -> list[str]:
     """Write `model` in the layout its scheme's ecosystem reads: a directory of safetensors shards +
     config.json (bitsandbytes, compressed-tensors, ... keys exactly as those tools write them), or a
-    GGUF file when `out` ends with .gguf. Every file is written atomically."""
+    GGUF file when `out` ends with .gguf. The whole checkpoint is switched in at once: a crash leaves the old
+    checkpoint or the new one, never a mix (writers/staging.py). Failures raise WriteError naming the file."""
     out = os.fspath(out)
     if out.endswith(".gguf"):
         from .writers.gguf_writer import save_gguf
@@ -255,10 +256,7 @@ def save(model: nn.Module, out, *, max_shard_size=None, tokenizer=None, **kwargs
     from .placement import parse_memory
     from .writers.safetensors_writer import DEFAULT_SHARD, save_checkpoint
     limit = DEFAULT_SHARD if max_shard_size is None else parse_memory(max_shard_size)
-    written = save_checkpoint(model, out, max_shard_size=limit)
-    if tokenizer is not None:
-        written.extend(tokenizer.save_pretrained(out))
-    return written
+    return save_checkpoint(model, out, max_shard_size=limit, tokenizer=tokenizer)
 
 
 def inspect(path, **kwargs):

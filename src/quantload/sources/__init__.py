@@ -44,7 +44,9 @@ def find_weight_files(path: str) -> tuple[str, list[str]]:
         index = os.path.join(path, "model.safetensors.index.json")
         if os.path.exists(index):
             return "safetensors", [index]
-        names = sorted(os.listdir(path))
+        # hidden names are never weights: a save's temporaries (.x.quantload-tmp-*, older .tmp-*) and
+        # editors' or rsync's partial files would otherwise join the checkpoint
+        names = sorted(n for n in os.listdir(path) if not n.startswith("."))
         st = [os.path.join(path, n) for n in names if n.endswith(".safetensors")]
         if st:
             return "safetensors", st

@@ -6,6 +6,8 @@ read whole. Prefer safetensors for untrusted input: torch's zip reader is less s
 """
 from __future__ import annotations
 
+import io
+import os
 import pickle
 import re
 
@@ -22,6 +24,20 @@ NESTED_STATE_DICT_KEYS = ("state_dict", "model_state_dict", "model", "module")
 WRAPPER_PREFIXES = ("module.", "_orig_mod.")
 
 
+class _ReadNoMoreThanLeft(io.BufferedReader):
+    """read(n) allocates n bytes before reading: a legacy file's pickle declaring a 700 MB string in a
+    1 KB file must not make the unpickler allocate it. Reads are capped at what the file still holds."""
+
+    def __init__(self, raw):
+        super().__init__(raw)
+        self._size = os.fstat(raw.fileno()).st_size
+
+    def read(self, n=-1):
+        if n is not None and n > 0:
+            n = max(0, min(n, self._size - self.tell()))
+        return super().read(n)
+
+
 def load_torch_file(path: str):
     """torch.load with weights_only=True, mmap when the format allows; every failure a FileFormatError."""
     check_not_lfs_pointer(path)
@@ -31,7 +47,8 @@ def load_torch_file(path: str):
         except RuntimeError as e:
             if "mmap can only be used" not in str(e):
                 raise
-            return torch.load(path, map_location="cpu", weights_only=True)  # legacy, non-zip format
+            with _ReadNoMoreThanLeft(io.FileIO(path, "rb")) as f:   # legacy, non-zip format
+                return torch.load(f, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
         kind, reason = refused_pickle_reason(str(e))
         if kind == "global":
