@@ -12,3 +12,5 @@ from .runtime.modules import QEmbedding, QLinear  # noqa: F401
 from .schemes.base import QTensor, Scheme  # noqa: F401
 
 __version__ = "0.1.0"
+from .quantize_model import quantize_  # noqa: F401,E402
+from .scheme_fit import QuantloadWarning  # noqa: F401,E402
