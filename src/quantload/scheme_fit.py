@@ -64,8 +64,8 @@ def fit_spec(spec, model: nn.Module, request):
     cfg = ct_config(args.num_bits, group_size=fit, symmetric=args.symmetric, ignore=list(spec.skip_modules))
     widths_s = sorted(set(bad.values()))
     note = (f"quantize={request!r}: group size {args.group_size} does not divide the input width "
-            f"{', '.join(map(str, widths_s))} of {len(bad)} of {len(widths)} layers (compressed-tensors needs "
-            f"whole groups); using group size {fit}, which divides every layer")
+            f"({', '.join(map(str, widths_s))}) of {len(bad)} of the {len(widths)} layers (compressed-tensors "
+            f"needs whole groups); using group size {fit}, which divides every layer")
     return spec_from_dict(cfg), note
 
 
