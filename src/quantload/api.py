@@ -307,11 +307,14 @@ def read_state_dict(path, *, quantization_config=None) -> dict:
     else:
         spec = checkpoint_spec(path, read_config_dir(path))
     keys = source.keys()
+    self_described = spec is None
+    if spec is None:
+        spec = self_described_spec(keys, path)  # tensors that describe their own format (bnb quant_state)
     out, used = {}, set()
     if spec is not None:
         by_module = index_by_module(keys)
         for prefix in sorted(by_module, key=len, reverse=True):
-            if not prefix:
+            if not prefix and not self_described:
                 continue
             scheme = spec.scheme_for(prefix, None)
             if scheme is None or not scheme.present(by_module[prefix]):
@@ -334,9 +337,44 @@ def read_state_dict(path, *, quantization_config=None) -> dict:
     return out
 
 
-def load_tokenizer(path, **kwargs):
-    """The tokenizer for any path `load` accepts (a checkpoint directory, a file in it, or a .gguf)."""
-    path = os.fspath(path)
+#: key endings of quantized pieces whose format only a config can tell (bits, group size, symmetry)
+_NEEDS_A_CONFIG = {"qweight": "GPTQ/AWQ", "qzeros": "GPTQ/AWQ", "weight_packed": "compressed-tensors",
+                   "weight_scale": "compressed-tensors", "W_q": "HQQ", "weight.absmax": "bitsandbytes 4-bit",
+                   "weight.quant_map": "bitsandbytes 4-bit"}
+
+
+def self_described_spec(keys, file) -> QuantSpec | None:
+    """The spec a file's own tensors describe, for a file without config: bitsandbytes 4-bit pieces carry
+    their quant_state JSON (`weight.quant_state.bitsandbytes__nf4`, which each layer's decode follows),
+    LLM.int8 weights their `SCB`. Quantized pieces that do not say their format raise."""
+    from .schemes.bnb4 import QS_TYPE_PREFIX
+    qs_types = sorted({k.rpartition(QS_TYPE_PREFIX)[2] for k in keys if QS_TYPE_PREFIX in k})
+    unknown = [k for k in keys if QS_TYPE_PREFIX in k and k.rpartition(QS_TYPE_PREFIX)[2] not in ("nf4", "fp4")]
+    if unknown:
+        from .errors import QuantStateError
+        raise QuantStateError(f"unknown bitsandbytes quant_state type {unknown[0].rpartition(QS_TYPE_PREFIX)[2]!r}; "
+                              "expected nf4 or fp4", file=file, key=unknown[0])
+    if qs_types:
+        spec = spec_from_dict({"quant_method": "bitsandbytes", "load_in_4bit": True,
+                               "bnb_4bit_quant_type": qs_types[0] if qs_types[0] in ("nf4", "fp4") else "nf4"},
+                              file=file)
+    elif any(k == "SCB" or k.endswith(".SCB") for k in keys):
+        spec = spec_from_dict({"quant_method": "bitsandbytes", "load_in_8bit": True}, file=file)
+    else:
+        for k in keys:
+            for end, fmt in _NEEDS_A_CONFIG.items():
+                if k == end or k.endswith("." + end):
+                    raise ConfigError(f"this file holds {fmt} pieces ({k!r}) but no config says their format "
+                                      "(no config.json / quantize_config.json beside it, no quant_state in it); "
+                                      "pass quantization_config= to read_state_dict", file=file, key=k)
+        return None
+    spec.skip_modules = []  # every module that carries pieces is quantized, lm_head included
+    return spec
+
+
+def load_tokenizer(path, *, revision=None, filename=None, **kwargs):
+    """The tokenizer for any path `load` accepts (a checkpoint directory, a file in it, a .gguf, a Hub id)."""
+    path = resolve_path(path, revision=revision, filename=filename)
     kind_is_gguf = path.endswith(".gguf") or (os.path.isfile(path) and open(path, "rb").read(4) == b"GGUF")
     if kind_is_gguf:
         from .gguf_tokenizer import gguf_tokenizer
@@ -354,11 +392,17 @@ def load_tokenizer(path, **kwargs):
         raise QuantloadError(f"no tokenizer could be built from this checkpoint: {e}", file=d) from e
 
 
-def save(model: nn.Module, out, *, max_shard_size=None, tokenizer=None, **kwargs) -> list[str]:
+def save(model: nn.Module, out, *, max_shard_size=None, tokenizer="auto", **kwargs) -> list[str]:
     """Write `model` in the layout its scheme's ecosystem reads: a directory of safetensors shards +
     config.json (bitsandbytes, compressed-tensors, ... keys exactly as those tools write them), or a
-    GGUF file when `out` ends with .gguf. Every file is written atomically."""
+    GGUF file when `out` ends with .gguf. Every file is written atomically.
+    tokenizer: "auto" (default) writes the tokenizer of the checkpoint the model was loaded from, when it has
+    one (so `quantload generate out` works); None writes none; or a tokenizer object."""
     out = os.fspath(out)
+    if isinstance(tokenizer, str) and tokenizer == "auto":
+        tokenizer = source_tokenizer(model, gguf_out=out.endswith(".gguf"))
+    if not out.endswith(".gguf"):
+        refuse_unsaveable(model, out)
     if out.endswith(".gguf"):
         from .writers.gguf_writer import save_gguf
         return save_gguf(model, out, tokenizer=tokenizer, **kwargs)
@@ -371,16 +415,55 @@ def save(model: nn.Module, out, *, max_shard_size=None, tokenizer=None, **kwargs
     return written
 
 
-def inspect(path, **kwargs):
+def source_tokenizer(model: nn.Module, *, gguf_out: bool = False):
+    """The tokenizer of the checkpoint `model` came from, or None when it has none (or, for a GGUF written
+    from a GGUF, None: the writer copies the source file's tokenizer keys itself)."""
+    report = getattr(model, "load_report", None)
+    src = report.path if report is not None and report.path else None
+    if src is None:
+        cfg = getattr(model, "config", None)
+        src = getattr(cfg, "_name_or_path", None) or getattr(cfg, "name_or_path", None)
+    if not src or not os.path.exists(src):
+        return None
+    if gguf_out and getattr(model, "gguf_fields", None) is not None:
+        return None
+    try:
+        return load_tokenizer(src)
+    except QuantloadError:
+        return None
+
+
+def refuse_unsaveable(model: nn.Module, out: str) -> None:
+    """A folder of safetensors cannot hold GGUF blocks for any reader (quantload, transformers, vLLM):
+    refuse before writing, naming the layouts that can hold the model."""
+    from .runtime.modules import qtensors_of
+    from .schemes.gguf import GGUFScheme
+    kinds = {}
+    for _, mod in qtensors_of(model):
+        if isinstance(mod.scheme, GGUFScheme):
+            kinds[mod.scheme.name] = kinds.get(mod.scheme.name, 0) + 1
+    if kinds:
+        found = ", ".join(f"{k} x{v}" for k, v in sorted(kinds.items()))
+        raise ConfigError(f"this model's weights are GGUF blocks ({found}), which a safetensors folder cannot "
+                          "hold in any layout quantload or transformers read. Save it as GGUF "
+                          "(quantload.save(model, 'out.gguf')), or load the file with dequantize=True (float "
+                          "weights; add quantize='nf4', 'int8', 'int4', ... to re-quantize them) and save that "
+                          "to a folder", file=out)
+
+
+def inspect(path, *, revision=None, filename=None, **kwargs):
     """What a checkpoint holds, without loading it: architecture, tensors, scheme per layer, bytes."""
     from .inspection import inspect_checkpoint
-    return inspect_checkpoint(os.fspath(path), **kwargs)
+    return inspect_checkpoint(resolve_path(path, revision=revision, filename=filename), **kwargs)
 
 
 def plan(path, *, quantize=None, dtype=None, device_map="auto", max_memory=None, offload_folder=None,
-         trust_remote_code: bool = False):
-    """The device placement `load` would use, computed from the true quantized sizes, loading nothing."""
+         trust_remote_code: bool = False, quantization_config=None, torch_dtype=None, low_cpu_mem_usage=None,
+         revision=None, filename=None, headroom=None):
+    """The device placement `load` would use, computed from the true quantized sizes, loading nothing.
+    Takes load's arguments (transformers' names included)."""
     from .inspection import plan_checkpoint
-    return plan_checkpoint(os.fspath(path), quantize=quantize, dtype=parse_dtype(dtype), device_map=device_map,
-                           max_memory=max_memory, offload_folder=offload_folder,
-                           trust_remote_code=trust_remote_code)
+    quantize, dtype, _ = transformers_args(quantize, dtype, quantization_config, torch_dtype, low_cpu_mem_usage)
+    return plan_checkpoint(resolve_path(path, revision=revision, filename=filename), quantize=quantize,
+                           dtype=parse_dtype(dtype), device_map=device_map, max_memory=max_memory,
+                           offload_folder=offload_folder, trust_remote_code=trust_remote_code, headroom=headroom)
