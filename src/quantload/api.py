@@ -33,9 +33,9 @@ def checkpoint_spec(path: str, config) -> QuantSpec | None:
     d = path if os.path.isdir(path) else os.path.dirname(os.path.abspath(path))
     file = os.path.join(d, "config.json")
     # older exports keep the config beside the weights: GPTQ quantize_config.json, AutoAWQ
-    # quant_config.json, optimum-quanto quanto_qmap.json
+    # quant_config.json, optimum-quanto quanto_qmap.json, NVIDIA ModelOpt hf_quant_config.json
     for fname, method in (("quantize_config.json", "gptq"), ("quant_config.json", "awq"),
-                          ("quanto_qmap.json", "quanto")):
+                          ("quanto_qmap.json", "quanto"), ("hf_quant_config.json", "modelopt")):
         qfile = os.path.join(d, fname)
         if qc is not None or not os.path.exists(qfile):
             continue
