@@ -217,6 +217,8 @@ def read_state_dict(path, *, quantization_config=None) -> dict:
     for k in keys:
         if k not in used:
             out[k] = source.get(k)
+    if hasattr(spec, "decode_unclaimed"):   # pieces no Linear owns (gpt-oss stacked MXFP4 experts)
+        out = spec.decode_unclaimed(out, file=path)
     return out
 
 
