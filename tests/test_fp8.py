@@ -183,3 +183,66 @@ def test_quantize_while_loading_gives_transformers_bytes(tmp_path):
         n += 1
     assert n == 14 and type(model.lm_head).__name__ == "Linear"
     assert quantload.load(float_dir, quantize="fp8", progress=False).model.layers[0].mlp.up_proj.__class__.__name__ == "Linear"
+
+
+# --- FBGEMM FP8 (per output channel) ----------------------------------------------------------------------
+def _fbgemm_row_quantize_ref(x):
+    """fbgemm-gpu's own reference for its row-wise FP8 quantizer (fbgemm_gpu/experimental/gen_ai/test/quantize/
+    quantize_test.py, fp8_row_quantize_ref, "match kernel logics"), fed float32 as the CUDA kernel computes;
+    fbgemm-gpu itself is CUDA-only."""
+    x = x.float()
+    x_row_max = torch.max(torch.abs(x), dim=1).values
+    scale = torch.Tensor(448.0 / x_row_max).clamp(max=448.0 * 512.0)
+    return (x * scale.unsqueeze(1)).to(torch.float8_e4m3fn), scale.reciprocal().to(torch.float32)
+
+
+def test_fbgemm_fp8_quantize_decode_and_transformers_layout():
+    from transformers.integrations.fbgemm_fp8 import FbgemmFp8Linear
+    w = torch.randn(48, 64, generator=torch.Generator().manual_seed(5)).to(torch.bfloat16)
+    w[7] = 0
+    spec = spec_from_dict({"quant_method": "fbgemm_fp8", "activation_scale_ub": 1200.0})
+    scheme = spec.scheme_for("m", torch.nn.Linear(64, 48))
+    assert spec.scheme_for("lm_head", torch.nn.Linear(64, 48)) is None
+    enc = scheme.quantize(w).encode()
+    q, s = _fbgemm_row_quantize_ref(w)
+    assert torch.equal(enc["weight"].view(torch.uint8), q.view(torch.uint8)) and torch.equal(enc["weight_scale"][:, 0], s)
+    # the module transformers builds for this checkpoint takes these tensors as they are
+    ref = FbgemmFp8Linear(64, 48, bias=False)
+    assert {k: (v.shape, v.dtype) for k, v in ref.state_dict().items()} == {k: (v.shape, v.dtype) for k, v in enc.items()}
+    qt = scheme.decode(enc, shape=(48, 64), file="f", prefix="m")
+    assert torch.equal(qt.dequantize(torch.float32), q.float() * s[:, None])
+    x = torch.randn(2, 64).to(torch.bfloat16)
+    assert torch.equal(scheme.linear(x, qt, None), F.linear(x, (q.float() * s[:, None]).to(torch.bfloat16)))
+    with pytest.raises(ShapeMismatchError, match="one scale per output row"):
+        scheme.decode({**enc, "weight_scale": enc["weight_scale"][:4]}, file="f", prefix="m")
+
+
+def test_fbgemm_fp8_tiny_llama_round_trip(tmp_path):
+    float_dir, float_model = _tiny_float(tmp_path)
+    qdir = tmp_path / "fbgemm"
+    sd = load_file(float_dir / "model.safetensors")
+    tensors = {}
+    for k, v in sd.items():
+        if k.endswith("proj.weight"):
+            q, s = _fbgemm_row_quantize_ref(v)
+            tensors[k], tensors[k[:-6] + "weight_scale"] = q, s.reshape(-1, 1)
+        else:
+            tensors[k] = v
+    qdir.mkdir()
+    save_file(tensors, qdir / "model.safetensors", metadata={"format": "pt"})
+    cfg = json.loads((float_dir / "config.json").read_text())
+    cfg["quantization_config"] = {"quant_method": "fbgemm_fp8", "activation_scale_ub": 1200.0,
+                                  "modules_to_not_convert": None}
+    (qdir / "config.json").write_text(json.dumps(cfg))
+    ours = quantload.load(qdir, progress=False)
+    with torch.no_grad():                     # the reference: weight-only dequantization into the float model
+        for name, mod in float_model.named_modules():
+            if name.endswith("proj"):
+                mod.weight.copy_((tensors[name + ".weight"].float() * tensors[name + ".weight_scale"]).to(torch.bfloat16))
+    ids = torch.tensor([[1, 5, 9, 33, 70, 2]])
+    with torch.inference_mode():
+        assert torch.equal(ours(ids).logits, float_model(ids).logits)
+    quantload.save(ours, tmp_path / "saved")
+    saved = load_file(tmp_path / "saved" / "model.safetensors")
+    assert saved.keys() == tensors.keys()
+    assert all(torch.equal(saved[k].view(torch.uint8), tensors[k].view(torch.uint8)) for k in tensors)
