@@ -156,8 +156,8 @@ def _load_checkpoint(source, path, report, t0, *, quantize, dtype, device_map, m
 
     def choose(name, mod):
         scheme = spec.scheme_for(name, mod) if spec is not None else None
-        if scheme is None or isinstance(mod, nn.Embedding):
-            return None
+        if scheme is None or (isinstance(mod, nn.Embedding) and not getattr(scheme, "quantizes_embeddings", False)):
+            return None  # embeddings stay dense unless the format stores them quantized (gemma)
         if ckpt_spec is not None and not scheme.present(weights.suffixes(name)):
             return None  # a dense layer inside a quantized checkpoint (lm_head, skipped modules)
         return scheme

@@ -22,11 +22,12 @@ import math
 import torch
 import torch.nn.functional as F
 
-from ..config import QuantSpec, module_matches
+from ..config import QuantSpec
 from ..errors import ShapeMismatchError, UnsupportedError
 from .base import QTensor, Scheme
 from .checks import expect_dtype, expect_shape, full_key, need
 from .fp4 import E2M1_VALUES, E8M0_BIAS
+from .hf_match import hf_skipped
 from .registry import register_method
 
 GROUP = 32
@@ -111,10 +112,8 @@ class Mxfp4Spec(QuantSpec):
         self.schemes = {s: MXFP4Scheme(s) for s in EXPERT_STEMS}
 
     def _skipped(self, name: str) -> bool:
-        import fnmatch
-        # gpt-oss lists patterns with "*" ("model.layers.*.self_attn"); transformers matches them as regexes
-        return module_matches(name, self.skip_modules) or any(
-            fnmatch.fnmatchcase(name, p) or fnmatch.fnmatchcase(name, p + ".*") for p in self.skip_modules)
+        # gpt-oss lists regexes ("model.layers.*.self_attn"), matched as transformers matches them
+        return hf_skipped(name, self.skip_modules)
 
     def scheme_for(self, module_name, module):
         return None
