@@ -115,7 +115,7 @@ def test_nested_hf_quant_config_exclusions_and_unsupported():
     lin = torch.nn.Linear(64, 64)
     assert spec.scheme_for("model.layers.1.mlp.up_proj", lin) is not None
     assert spec.scheme_for("model.layers.0.mlp.up_proj", lin) is None and spec.scheme_for("lm_head", lin) is None
-    with pytest.raises(UnsupportedError, match=r"quant_algo 'W4A8_AWQ' is not supported; supported: \['NVFP4'\]"):
+    with pytest.raises(UnsupportedError, match=r"quant_algo 'W4A8_AWQ' is not supported; supported: \['NVFP4', 'FP8', 'MIXED_PRECISION'\]"):
         spec_from_dict({"quant_method": "modelopt", "quant_algo": "W4A8_AWQ"})
     bad = _ct_cfg()
     bad["config_groups"]["group_0"]["weights"]["group_size"] = 32
@@ -236,3 +236,58 @@ def test_tiny_llama_modelopt_layout(tmp_path):
     _same_bytes(load_file(tmp_path / "saved" / "model.safetensors"), tensors)
     again = quantload.load(tmp_path / "saved", progress=False)             # config.json now says modelopt
     assert again.model.layers[1].mlp.gate_proj.scheme.name == "modelopt-nvfp4"
+
+
+def test_tiny_llama_modelopt_mixed_precision_fp8_and_nvfp4(tmp_path):
+    """MIXED_PRECISION: attention NVFP4, MLP per-tensor FP8 (ModelOpt's FP8QTensor: weight.to(dtype) *
+    scale.to(dtype)), the rest dense."""
+    float_dir = _tiny(tmp_path)
+    layers = {}
+
+    def convert(name, w):
+        if "self_attn" in name:
+            ref, _ = _ct_nvfp4(w)
+            layers[name] = {"quant_algo": "NVFP4", "group_size": 16}
+            return {"weight": ref["weight_packed"], "weight_scale": ref["weight_scale"],
+                    "weight_scale_2": (1.0 / ref["weight_global_scale"]).reshape(())}
+        scale = w.float().abs().amax() / 448.0
+        layers[name] = {"quant_algo": "FP8"}
+        return {"weight": (w.float() / scale).to(torch.float8_e4m3fn), "weight_scale": scale.reshape(()),
+                "input_scale": torch.tensor(0.03)}
+
+    tensors = {}
+    for k, v in load_file(float_dir / "model.safetensors").items():
+        if k.endswith("proj.weight"):
+            tensors.update({f"{k[:-7]}.{s}": t for s, t in convert(k[:-7], v).items()})
+        else:
+            tensors[k] = v
+    qdir = tmp_path / "mixed"
+    qdir.mkdir()
+    save_file(tensors, qdir / "model.safetensors", metadata={"format": "pt"})
+    (qdir / "config.json").write_text((float_dir / "config.json").read_text())
+    (qdir / "hf_quant_config.json").write_text(json.dumps({"producer": {"name": "modelopt"}, "quantization": {
+        "quant_algo": "MIXED_PRECISION", "kv_cache_quant_algo": "FP8", "quantized_layers": layers,
+        "exclude_modules": ["lm_head"]}}))
+    ours = quantload.load(qdir, progress=False)
+    assert ours.model.layers[0].self_attn.q_proj.scheme.name == "modelopt-nvfp4"
+    assert ours.model.layers[0].mlp.up_proj.scheme.name == "modelopt-fp8"
+    ref = LlamaForCausalLM.from_pretrained(float_dir, dtype=torch.bfloat16)
+    with torch.no_grad():
+        for name, mod in ref.named_modules():
+            if not name.endswith("proj"):
+                continue
+            t = {s: tensors[f"{name}.{s}"] for s in ("weight", "weight_scale", "weight_scale_2") if f"{name}.{s}" in tensors}
+            if "weight_scale_2" in t:
+                w = _modelopt_dequantize(t["weight"], t["weight_scale"], t["weight_scale_2"], torch.bfloat16)
+            else:
+                w = t["weight"].to(torch.bfloat16) * t["weight_scale"].to(torch.bfloat16)
+            mod.weight.copy_(w)
+    ids = torch.tensor([[1, 5, 9, 33, 70, 2]])
+    with torch.inference_mode():
+        assert torch.equal(ours(ids).logits, ref(ids).logits)
+    assert _greedy(ours) == _greedy(ref)
+    quantload.save(ours, tmp_path / "saved")
+    _same_bytes(load_file(tmp_path / "saved" / "model.safetensors"), tensors)
+    with pytest.raises(UnsupportedError, match=r"quantized_layers\['m'\].quant_algo 'INT8_SQ'"):
+        spec_from_dict({"quant_method": "modelopt", "quant_algo": "MIXED_PRECISION",
+                        "quantized_layers": {"m": {"quant_algo": "INT8_SQ"}}})

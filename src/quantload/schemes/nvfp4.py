@@ -7,7 +7,7 @@ compressed-tensors `nvfp4-pack-quantized` (llm-compressor), per Linear, weight [
   weight_global_scale  float32 [1]      W = e2m1 * (weight_scale / weight_global_scale)
   input_global_scale   float32 [1]      static activation schemes only (kept for saving)
   (`mxfp4-pack-quantized`: the same packing, groups of 32, weight_scale uint8 E8M0, no global scale)
-NVIDIA ModelOpt `quant_algo: NVFP4` (hf_quant_config.json, or quant_method "modelopt" in config.json):
+NVIDIA ModelOpt `quant_algo: NVFP4` (hf_quant_config.json, or quant_method "modelopt"; modelopt.py):
   weight               uint8 [O, I/2]   the same packed codes
   weight_scale         float8_e4m3fn [O, I/16]
   weight_scale_2       float32 []       W = e2m1 * (weight_scale * weight_scale_2)
@@ -22,18 +22,14 @@ generate_gparam + calculate_qparams + NVFP4PackedCompressor.compress. The forwar
 """
 from __future__ import annotations
 
-import fnmatch
-
 import torch
 import torch.nn.functional as F
-from torch import nn
 
-from ..config import QuantSpec, register_short_name
-from ..errors import ConfigError, ShapeMismatchError, UnsupportedError
+from ..config import register_short_name
+from ..errors import ShapeMismatchError, UnsupportedError
 from .base import QTensor, Scheme
 from .checks import expect_dtype, expect_shape, full_key, need
 from .fp4 import E2M1_MAX, e2m1_codes, e2m1_table, e8m0_exponents, pack_codes, unpack_codes
-from .registry import register_method
 
 FP8 = torch.float8_e4m3fn
 FP8_MAX = 448.0
@@ -174,47 +170,6 @@ def ct_fp4_scheme(fmt: str, weights: dict, *, file=None) -> FP4Scheme:
         raise UnsupportedError(f"compressed-tensors {fmt} with weights {w!r} is not supported; supported: "
                                f"symmetric 4-bit float weights in groups of {want}", file=file)
     return FP4Scheme("ct-nvfp4" if fmt == "nvfp4-pack-quantized" else "ct-mxfp4")
-
-
-# --- NVIDIA ModelOpt ------------------------------------------------------------------------------
-MODELOPT_ALGOS = ("NVFP4",)
-
-
-class ModelOptSpec(QuantSpec):
-    """ModelOpt's export config: {"quant_algo": "NVFP4", "group_size": 16, "exclude_modules": [...]} either
-    as config.json's quantization_config (quant_method "modelopt") or hf_quant_config.json's "quantization"."""
-
-    method = "modelopt"
-
-    def __init__(self, cfg: dict, *, file=None):
-        cfg = dict(cfg)
-        q = dict(cfg.get("quantization") or cfg)          # hf_quant_config.json nests it
-        algo = str(q.get("quant_algo") or "").upper()
-        if algo not in MODELOPT_ALGOS:
-            raise UnsupportedError(f"ModelOpt quant_algo {q.get('quant_algo')!r} is not supported; supported: "
-                                   f"{list(MODELOPT_ALGOS)}", file=file)
-        if int(q.get("group_size", NVFP4_GROUP)) != NVFP4_GROUP:
-            raise UnsupportedError(f"ModelOpt NVFP4 group_size {q['group_size']!r} is not supported; supported: [16]",
-                                   file=file)
-        kv = q.get("kv_cache_quant_algo")
-        if kv not in (None, "", "NONE", "FP8"):
-            raise UnsupportedError(f"ModelOpt kv_cache_quant_algo {kv!r} is not supported; supported: none, "
-                                   "FP8 (its k/v scales are kept and unused)", file=file)
-        exclude = list(q.get("exclude_modules") or q.get("ignore") or [])
-        super().__init__(FP4Scheme("modelopt"), skip_modules=exclude, raw={**q, "quant_method": "modelopt"})
-
-    def scheme_for(self, module_name, module):
-        if module is not None and not isinstance(module, nn.Linear):
-            return None
-        # ModelOpt names modules with shell wildcards ("model.layers.*.mlp*", "lm_head")
-        if any(fnmatch.fnmatchcase(module_name, p) or module_name == p for p in self.skip_modules):
-            return None
-        return self.scheme
-
-
-@register_method("modelopt")
-def parse_modelopt(d: dict) -> ModelOptSpec:
-    return ModelOptSpec(d)
 
 
 register_short_name("nvfp4", {
