@@ -37,11 +37,16 @@ def test_pack_and_unpack_match_transformers(dtype):
     assert torch.equal(unpack_ternary(packed, dtype), hf_bitnet.unpack_weights(packed, dtype=dtype))
 
 
-def _bitlinear_model(tmp_path, linear_class):
-    cfg = LlamaConfig(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=False)
+def _bitlinear_model(tmp_path, linear_class, arch="llama"):
+    kw = dict(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+              num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=False)
+    if arch == "bitnet":                 # microsoft/bitnet-b1.58-2B-4T's architecture (sub-norms, relu2)
+        from transformers import BitNetConfig, BitNetForCausalLM
+        cfg, cls = BitNetConfig(**kw), BitNetForCausalLM
+    else:
+        cfg, cls = LlamaConfig(**kw), LlamaForCausalLM
     torch.manual_seed(0)
-    model = LlamaForCausalLM(cfg).to(torch.bfloat16)
+    model = cls(cfg).to(torch.bfloat16)
     scheme = BitNetScheme(linear_class)
     tensors = {}
     for k, v in model.state_dict().items():
@@ -54,22 +59,23 @@ def _bitlinear_model(tmp_path, linear_class):
             tensors[k], tensors[k[:-6] + "weight_scale"] = enc["weight"], enc["weight_scale"]
         else:
             tensors[k] = v
-    d = tmp_path / linear_class
+    d = tmp_path / f"{arch}-{linear_class}"
     d.mkdir()
     save_file(tensors, d / "model.safetensors", metadata={"format": "pt"})
     body = json.loads(cfg.to_json_string())
-    body["architectures"] = ["LlamaForCausalLM"]
+    body["architectures"] = [cls.__name__]
     body["dtype"] = "bfloat16"
     body["quantization_config"] = {"quant_method": "bitnet", "linear_class": linear_class,
                                    "quantization_mode": "offline", "modules_to_not_convert": None}
     (d / "config.json").write_text(json.dumps(body))
-    return d, tensors
+    return d, tensors, cls
 
 
-@pytest.mark.parametrize("linear_class", ["bitlinear", "autobitlinear"])
-def test_tiny_llama_matches_transformers_and_round_trips(tmp_path, linear_class):
-    d, tensors = _bitlinear_model(tmp_path, linear_class)
-    ref = LlamaForCausalLM.from_pretrained(d, dtype=torch.bfloat16)
+@pytest.mark.parametrize("linear_class, arch", [("bitlinear", "llama"), ("autobitlinear", "llama"),
+                                                ("autobitlinear", "bitnet")])
+def test_tiny_model_matches_transformers_and_round_trips(tmp_path, linear_class, arch):
+    d, tensors, cls = _bitlinear_model(tmp_path, linear_class, arch)
+    ref = cls.from_pretrained(d, dtype=torch.bfloat16)
     assert type(ref.model.layers[0].mlp.up_proj).__name__ == {"bitlinear": "BitLinear",
                                                                "autobitlinear": "AutoBitLinear"}[linear_class]
     ours = quantload.load(d, progress=False)
