@@ -182,6 +182,11 @@ def test_quantize_while_loading_gives_transformers_bytes(tmp_path):
         assert torch.equal(enc["weight"].view(torch.uint8), q.view(torch.uint8)) and torch.equal(enc["weight_scale_inv"], s)
         n += 1
     assert n == 14 and type(model.lm_head).__name__ == "Linear"
+    quantload.save(model, tmp_path / "saved")                  # what transformers reads back
+    ref = LlamaForCausalLM.from_pretrained(tmp_path / "saved", dtype=torch.bfloat16)
+    ids = torch.tensor([[3, 1, 4, 1, 5]])
+    with torch.inference_mode():
+        assert torch.equal(model(ids).logits, ref(ids).logits)
     assert quantload.load(float_dir, quantize="fp8", progress=False).model.layers[0].mlp.up_proj.__class__.__name__ == "Linear"
 
 

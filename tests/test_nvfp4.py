@@ -291,3 +291,9 @@ def test_tiny_llama_modelopt_mixed_precision_fp8_and_nvfp4(tmp_path):
     with pytest.raises(UnsupportedError, match=r"quantized_layers\['m'\].quant_algo 'INT8_SQ'"):
         spec_from_dict({"quant_method": "modelopt", "quant_algo": "MIXED_PRECISION",
                         "quantized_layers": {"m": {"quant_algo": "INT8_SQ"}}})
+
+
+def test_nvfp4_leaves_partial_groups_dense():
+    spec = spec_from_dict(_ct_cfg())
+    assert spec.scheme_for("a", torch.nn.Linear(40, 8)) is None and "a" in spec.to_dict()["ignore"]
+    assert spec.scheme_for("b", torch.nn.Linear(48, 8)) is not None

@@ -39,8 +39,8 @@ CT_FP4_FORMATS = ("nvfp4-pack-quantized", "mxfp4-pack-quantized")
 
 
 class _Args:
-    """What compressed.py's spec reads from a scheme's args (the strategy; no whole-group check needed
-    beyond the FP4 group itself)."""
+    """What compressed.py's spec reads from a scheme's args: strategy "group" and the group size make it leave
+    a layer whose inputs are not whole groups dense (and list it in `ignore`), as compressed-tensors needs."""
 
     def __init__(self, strategy: str, group_size: int):
         self.strategy, self.group_size = strategy, group_size
@@ -57,7 +57,7 @@ class FP4Scheme(Scheme):
         self.layout = layout
         self.group = MXFP4_GROUP if layout == "ct-mxfp4" else NVFP4_GROUP
         self.name = {"ct-nvfp4": "ct-nvfp4", "ct-mxfp4": "ct-mxfp4", "modelopt": "modelopt-nvfp4"}[layout]
-        self.args = _Args("tensor_group" if layout != "ct-mxfp4" else "group", self.group)
+        self.args = _Args("group", self.group)
         self.codes_key = "weight" if layout == "modelopt" else "weight_packed"
 
     def required_keys(self):
