@@ -75,8 +75,11 @@ def test_partial_edge_blocks_and_per_tensor():
     qt = FP8BlockScheme((32, 32)).decode({"weight": q, "weight_scale_inv": s})
     assert torch.equal(qt.dequantize(torch.float32), _dequantize_fp8_weight(q, s, [32, 32], torch.float32))
     one = torch.tensor(0.125)
-    qt = FP8BlockScheme(None).decode({"weight": q, "weight_scale_inv": one})
+    act = torch.tensor(0.5)                                   # activation_scheme "static": kept for saving
+    qt = FP8BlockScheme(None, activation_scheme="static").decode({"weight": q, "weight_scale_inv": one,
+                                                                  "activation_scale": act})
     assert torch.equal(qt.dequantize(torch.float32), q.float() * 0.125)
+    assert qt.encode()["activation_scale"] is act
     with pytest.raises(ShapeMismatchError, match=r"expected \[2, 3\]"):
         FP8BlockScheme((32, 32)).decode({"weight": q, "weight_scale_inv": s[:, :2]}, file="f", prefix="m")
 

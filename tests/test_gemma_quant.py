@@ -127,7 +127,7 @@ def test_tiny_llama_matches_transformers_and_round_trips(tmp_path):
 
     ref = LlamaForCausalLM.from_pretrained(d, dtype=torch.bfloat16)
     assert type(ref.model.embed_tokens).__name__ == "QuantizedEmbedding"
-    assert float(ref.model.layers[0].mlp.up_proj.input_activation_scale) == pytest.approx(0.01)   # SRQ loaded
+    assert float(ref.model.layers[0].mlp.up_proj.input_activation_scale.detach()) == pytest.approx(0.01)   # SRQ loaded
     ours = quantload.load(d, progress=False)
     assert ours.model.layers[0].self_attn.q_proj.scheme.name == "gemma-int2"
     assert ours.model.embed_tokens.scheme.name == "gemma-embedding-int8"
@@ -141,3 +141,8 @@ def test_tiny_llama_matches_transformers_and_round_trips(tmp_path):
     saved = load_file(tmp_path / "saved" / "model.safetensors")
     want = {k: v for k, v in tensors.items() if not k.endswith("cache_scale")}
     assert saved.keys() == want.keys() and all(torch.equal(saved[k], want[k]) for k in want)
+    sd = quantload.read_state_dict(d)
+    emb = sd["model.embed_tokens.embedding_quantized"]
+    assert emb.scheme.name == "gemma-embedding-int8" and torch.equal(emb.dequantize(torch.bfloat16),
+                                                                     ref.model.embed_tokens.weight)
+    assert sd["model.layers.1.mlp.down_proj.weight"].scheme.name == "gemma-int8"

@@ -213,6 +213,19 @@ class GemmaSpec(QuantSpec):
             return None
         return self._linear[self._bits_for(module_name)]
 
+    def decode_unclaimed(self, tensors: dict, *, file=None) -> dict:
+        """read_state_dict (no model, so no module is known to be an Embedding): every
+        `<prefix>.embedding_quantized` + `embedding_scale` pair becomes one QTensor."""
+        out = dict(tensors)
+        for key in [k for k in tensors if k.endswith(".embedding_quantized")]:
+            prefix = key[: -len(".embedding_quantized")]
+            if prefix + ".embedding_scale" not in tensors or hf_skipped(prefix, self.skip_modules):
+                continue
+            scheme = self._embedding[self._bits_for(prefix)]
+            out[key] = scheme.decode({"embedding_quantized": out[key], "embedding_scale": out.pop(prefix + ".embedding_scale")},
+                                     file=file, prefix=prefix)
+        return out
+
     def to_dict(self):
         return dict(self.raw)
 
