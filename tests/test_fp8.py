@@ -254,3 +254,14 @@ def test_fbgemm_fp8_tiny_llama_round_trip(tmp_path):
     saved = load_file(tmp_path / "saved" / "model.safetensors")
     assert saved.keys() == tensors.keys()
     assert all(torch.equal(saved[k].view(torch.uint8), tensors[k].view(torch.uint8)) for k in tensors)
+
+
+def test_every_fp8_code_decodes_like_a_cast():
+    """The shift-based fp8 -> float32 path against q.to(float32) for all 256 codes (NaN codes take the cast)."""
+    from quantload.schemes.fp8_block import FP8_TO_FP16_SHIFT, fp8_scaled_down
+    q = torch.arange(256, dtype=torch.int32).to(torch.uint8).view(torch.float8_e4m3fn)
+    finite = q[(q.view(torch.uint8) & 0x7F) != 0x7F]
+    assert torch.equal(fp8_scaled_down(finite) * FP8_TO_FP16_SHIFT, finite.to(torch.float32))
+    assert fp8_scaled_down(q) is None
+    qt = FP8BlockScheme(None).decode({"weight": q.reshape(16, 16), "weight_scale_inv": torch.tensor(3.0)})
+    assert torch.allclose(qt.dequantize(torch.float32), q.reshape(16, 16).float() * 3.0, equal_nan=True, rtol=0, atol=0)

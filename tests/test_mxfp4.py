@@ -36,6 +36,17 @@ def test_stacked_experts_decode_like_transformers(dtype):
     assert torch.equal(enc["gate_up_proj_blocks"], blocks) and torch.equal(enc["gate_up_proj_scales"], scales)
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32, torch.float16])
+def test_every_code_and_exponent_like_transformers(dtype):
+    """All 256 E8M0 bytes (NaN's 255 and 2**-127 included) times all 256 byte pairs of codes."""
+    blocks = torch.arange(256, dtype=torch.int32).to(torch.uint8).reshape(1, 1, 16, 16).expand(1, 256, 16, 16)
+    scales = torch.arange(256, dtype=torch.int32).to(torch.uint8).reshape(1, 256, 1).expand(1, 256, 16)
+    blocks, scales = blocks.contiguous(), scales.contiguous()
+    qt = MXFP4Scheme("down_proj").decode({"down_proj_blocks": blocks, "down_proj_scales": scales})
+    got, want = qt.dequantize(dtype).transpose(1, 2), convert_moe_packed_tensors(blocks, scales, dtype=dtype)
+    assert torch.allclose(got, want, rtol=0, atol=0, equal_nan=True) and torch.equal(got.signbit(), want.signbit())
+
+
 def test_select_expert_is_a_view_and_runs_one_expert():
     blocks, scales = _random_blocks(4, rows=32, cols=64, seed=1)
     scheme = MXFP4Scheme("down_proj")

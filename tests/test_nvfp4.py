@@ -297,3 +297,23 @@ def test_nvfp4_leaves_partial_groups_dense():
     spec = spec_from_dict(_ct_cfg())
     assert spec.scheme_for("a", torch.nn.Linear(40, 8)) is None and "a" in spec.to_dict()["ignore"]
     assert spec.scheme_for("b", torch.nn.Linear(48, 8)) is not None
+
+
+def test_e2m1_by_shifts_equals_the_table_for_every_byte():
+    from quantload.schemes.fp4 import E2M1_TO_FP16_SHIFT, E2M1_VALUES, e2m1_scaled_down
+    b = torch.arange(256, dtype=torch.int32).to(torch.uint8)
+    v = e2m1_scaled_down(b).float() * E2M1_TO_FP16_SHIFT
+    want = torch.tensor(E2M1_VALUES)[torch.stack((b & 15, b >> 4), -1).flatten().long()]
+    assert torch.equal(v, want) and torch.equal(v.signbit(), want.signbit())
+
+
+@pytest.mark.parametrize("gscale", [1.0, 3.7e3, 1e-30])
+def test_every_code_and_fp8_scale_like_compressed_tensors(gscale):
+    """All 256 FP8 scale bytes (NaN and subnormals included) times all 256 byte pairs of codes."""
+    packed = torch.arange(256, dtype=torch.int32).to(torch.uint8).repeat(256, 1)            # [256, 256]
+    scale = torch.arange(256, dtype=torch.int32).to(torch.uint8).view(torch.float8_e4m3fn)
+    scale = scale.reshape(256, 1).expand(256, 32).contiguous()
+    sd = {"weight_packed": packed, "weight_scale": scale, "weight_global_scale": torch.tensor([gscale])}
+    want = NVFP4PackedCompressor.decompress(dict(sd), preset_name_to_scheme("NVFP4A16", ["Linear"]))["weight"]
+    got = FP4Scheme("ct-nvfp4").decode(sd).dequantize(torch.bfloat16)
+    assert torch.allclose(got, want, rtol=0, atol=0, equal_nan=True) and torch.equal(got.signbit(), want.signbit())

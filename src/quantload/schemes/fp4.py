@@ -15,19 +15,23 @@ E2M1_MAX = 6.0
 E8M0_BIAS = 127
 
 
-def e2m1_table(dtype: torch.dtype, device) -> torch.Tensor:
-    return torch.tensor(E2M1_VALUES, dtype=dtype, device=device)
-
-
-def unpack_codes(packed: torch.Tensor) -> torch.Tensor:
-    """uint8 [..., n] -> codes uint8 [..., 2n], low nibble first."""
-    return torch.stack((packed & 0x0F, packed >> 4), dim=-1).flatten(-2)
-
-
 def pack_codes(codes: torch.Tensor) -> torch.Tensor:
     """codes uint8 [..., 2n] -> uint8 [..., n], the first of each pair in the low nibble."""
     pairs = codes.to(torch.uint8).unflatten(-1, (-1, 2))
     return pairs[..., 0] | (pairs[..., 1] << 4)
+
+
+E2M1_TO_FP16_SHIFT = 2.0 ** 14    # e2m1 bits moved into float16's place read as value * 2 ** -14
+
+
+def e2m1_scaled_down(packed: torch.Tensor) -> torch.Tensor:
+    """uint8 [..., n] -> float16 [..., 2n] holding each E2M1 value times 2 ** -14, exactly (low nibble
+    first). The nibble's exponent and mantissa bits, moved to float16's exponent/mantissa position, read as
+    the same number with float16's bias (15) instead of E2M1's (1); 0.5 (E2M1's subnormal) lands on a
+    float16 subnormal. Integer shifts instead of a table lookup: several times faster on CPU."""
+    p = packed.to(torch.int16)
+    nib = torch.stack((p & 0x0F, p >> 4), dim=-1).flatten(-2)
+    return (((nib & 8) << 12) | ((nib & 7) << 9)).view(torch.float16)
 
 
 def e2m1_codes(x: torch.Tensor) -> torch.Tensor:

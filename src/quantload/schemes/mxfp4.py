@@ -26,12 +26,19 @@ from ..config import QuantSpec
 from ..errors import ShapeMismatchError, UnsupportedError
 from .base import QTensor, Scheme
 from .checks import expect_dtype, expect_shape, full_key, need
-from .fp4 import E2M1_VALUES, E8M0_BIAS
+from .fp4 import E2M1_TO_FP16_SHIFT, E8M0_BIAS, e2m1_scaled_down
 from .hf_match import hf_skipped
 from .registry import register_method
 
 GROUP = 32
 EXPERT_STEMS = ("gate_up_proj", "down_proj")     # gpt-oss GptOssExperts' quantized parameters
+
+
+def pow2(e: torch.Tensor) -> torch.Tensor:
+    """Exact float32 2 ** e for int32 e in [-149, 128] (the subnormals and +inf included), built from bits."""
+    normal = (e + 127).clamp(0, 255) << 23
+    sub = torch.ones_like(e) << (e + 149).clamp(0, 22)
+    return torch.where(e > -127, normal, torch.where(e >= -149, sub, 0)).view(torch.float32)
 
 
 class MXFP4Scheme(Scheme):
@@ -69,13 +76,18 @@ class MXFP4Scheme(Scheme):
         blocks, scales = qt.data[kb], qt.data[ks]
         *lead, groups, half = blocks.shape
         rows = math.prod(lead) * groups
-        lut = torch.tensor(E2M1_VALUES, dtype=dtype, device=blocks.device)
-        b = blocks.reshape(rows, half)
-        out = torch.empty(rows, half * 2, dtype=dtype, device=blocks.device)
-        out[:, 0::2] = lut[(b & 0x0F).to(torch.int)]
-        out[:, 1::2] = lut[(b >> 4).to(torch.int)]
-        torch.ldexp(out, scales.reshape(rows, 1).to(torch.int32) - E8M0_BIAS, out=out)
-        return out.reshape(qt.shape)
+        # transformers: table values in `dtype`, then torch.ldexp(values, e, out=values): value * 2 ** e
+        # rounded once to `dtype` (0 stays 0 even for e = 128). The same numbers without the slow mixed-dtype
+        # ldexp: values by integer shifts (times 2**-14, exact), times exact float32 powers of two. E2M1 values
+        # have 2 significant bits, so every float32 product here is exact and only the cast rounds; exponents
+        # of 64 and more go in two steps so that no power of two overflows on its own.
+        e = scales.reshape(rows, 1).to(torch.int32) - E8M0_BIAS
+        small = e2m1_scaled_down(blocks.reshape(rows, half)).to(torch.float32)
+        big = e >= 64
+        out = small * pow2(e + 14 - 64 * big.to(torch.int32))
+        if bool(big.any()):
+            out = out * torch.where(big, 2.0 ** 64, 1.0)
+        return out.to(dtype).reshape(qt.shape)
 
     def linear(self, x, qt, bias):
         if qt.ndim != 2:

@@ -29,7 +29,7 @@ from ..config import register_short_name
 from ..errors import ShapeMismatchError, UnsupportedError
 from .base import QTensor, Scheme
 from .checks import expect_dtype, expect_shape, full_key, need
-from .fp4 import E2M1_MAX, e2m1_codes, e2m1_table, e8m0_exponents, pack_codes, unpack_codes
+from .fp4 import E2M1_MAX, E2M1_TO_FP16_SHIFT, e2m1_codes, e2m1_scaled_down, e8m0_exponents, pack_codes
 
 FP8 = torch.float8_e4m3fn
 FP8_MAX = 448.0
@@ -110,23 +110,24 @@ class FP4Scheme(Scheme):
     # --- use ------------------------------------------------------------------------------------
     def dequantize(self, qt: QTensor, dtype: torch.dtype) -> torch.Tensor:
         n_out, n_in = qt.shape
-        codes = unpack_codes(qt.data[self.codes_key]).long()
+        # the E2M1 values times 2**-14 (exact, fast); the power of two is folded into the per-group scales,
+        # which leaves every float32 product, hence every rounding, as the tools compute it
+        small = e2m1_scaled_down(qt.data[self.codes_key]).unflatten(-1, (-1, self.group))
         scale = qt.data["weight_scale"]
+        if self.layout == "ct-mxfp4":
+            # MXFP4PackedCompressor.decompress: bfloat16 values times bfloat16 2 ** (e - 127)
+            s = 2.0 ** e8m0_exponents(scale).to(torch.bfloat16)
+            w = (small.to(torch.bfloat16) * E2M1_TO_FP16_SHIFT) * s.unsqueeze(-1)
+            return w.reshape(n_out, n_in).to(dtype)
         if self.layout == "modelopt":
             # NVFP4QTensor.dequantize: float32 values times float32 (weight_scale * weight_scale_2)
-            v = e2m1_table(torch.float32, codes.device)[codes]
             s = scale.to(torch.float32) * qt.data["weight_scale_2"].to(torch.float32)
-            w = v.unflatten(-1, (-1, self.group)) * s.unsqueeze(-1)
+            w = _times(small, s)
             return w.reshape(n_out, n_in).to(dtype)
-        # compressed-tensors decompress: values and scales in bfloat16
-        v = e2m1_table(torch.bfloat16, codes.device)[codes].unflatten(-1, (-1, self.group))
-        if self.layout == "ct-mxfp4":
-            s = 2.0 ** e8m0_exponents(scale).to(torch.bfloat16)                          # decompress_mx_scale
-            w = v * s.unsqueeze(-1)
-        else:
-            s = scale.to(torch.bfloat16) / qt.data["weight_global_scale"]               # float32
-            w = (v.to(torch.float32) * s.unsqueeze(-1)).to(torch.bfloat16)
-        return w.reshape(n_out, n_in).to(dtype)
+        # NVFP4PackedCompressor.decompress: bfloat16 values, float32 scale / global scale, float32 product,
+        # rounded to bfloat16
+        s = scale.to(torch.bfloat16) / qt.data["weight_global_scale"]
+        return _times(small, s).to(torch.bfloat16).reshape(n_out, n_in).to(dtype)
 
     def linear(self, x, qt, bias):
         return F.linear(x, self.dequantize(qt, x.dtype), bias.to(x.dtype) if bias is not None else None)
@@ -159,6 +160,14 @@ class FP4Scheme(Scheme):
     def nbytes_for(self, shape, dtype) -> int:
         n_out, n_in = shape
         return n_out * n_in // 2 + n_out * n_in // self.group + (0 if self.layout == "ct-mxfp4" else 4)
+
+
+def _times(small: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
+    """float32(value) * s per group, from values held as value * 2**-14: (v * 2**-14) * (s * 2**14) is the
+    same real product, so the same float32 (unless s * 2**14 would overflow: then the plain way)."""
+    if bool(s.abs().max() < 2.0 ** 100):
+        return small.to(torch.float32) * (s * E2M1_TO_FP16_SHIFT).unsqueeze(-1)
+    return (small.to(torch.float32) * E2M1_TO_FP16_SHIFT) * s.unsqueeze(-1)
 
 
 def ct_fp4_scheme(fmt: str, weights: dict, *, file=None) -> FP4Scheme:
