@@ -50,6 +50,7 @@ def test_quantize_and_decode_match_transformers(scale_fmt, shape, dtype):
     assert torch.equal(enc["weight"].view(torch.uint8), ref_q.view(torch.uint8))
     assert torch.equal(enc["weight_scale_inv"].view(torch.uint8), ref_s.view(torch.uint8))
     back = scheme.decode(enc, shape=shape, file="f", prefix="m")
+    assert scheme.nbytes_for(shape, dtype) == back.nbytes             # what placement plans with
     for out in (torch.bfloat16, torch.float32):
         want = Fp8Dequantize(None)._dequantize_one(ref_q, ref_s, output_dtype=out)
         assert torch.equal(back.dequantize(out), want)

@@ -18,7 +18,6 @@ ct = pytest.importorskip("compressed_tensors")
 from compressed_tensors.compressors.mxfp4.base import MXFP4PackedCompressor  # noqa: E402
 from compressed_tensors.compressors.nvfp4.base import NVFP4PackedCompressor  # noqa: E402
 from compressed_tensors.entrypoints.convert.converters.modelopt_nvfp4 import ModelOptNvfp4Converter  # noqa: E402
-from compressed_tensors.quantization import QuantizationScheme  # noqa: E402
 from compressed_tensors.quantization.quant_scheme import preset_name_to_scheme  # noqa: E402
 from compressed_tensors.quantization.utils import calculate_qparams, generate_gparam  # noqa: E402
 from transformers import LlamaConfig, LlamaForCausalLM  # noqa: E402
@@ -76,6 +75,7 @@ def test_ct_nvfp4_quantize_and_decode_match_compressed_tensors(dtype):
         assert enc[k].dtype == ref[k].dtype and torch.equal(enc[k].view(torch.uint8), ref[k].view(torch.uint8)), k
     dense = NVFP4PackedCompressor.decompress(dict(ref), scheme_ct)["weight"]
     qt = scheme.decode(ref, shape=(48, 128), file="f", prefix="m")
+    assert scheme.nbytes_for((48, 128), dtype) == qt.nbytes
     assert torch.equal(qt.dequantize(torch.bfloat16), dense)
     assert torch.equal(qt.dequantize(torch.float32), dense.float())
 

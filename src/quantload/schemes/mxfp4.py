@@ -26,7 +26,7 @@ from ..config import QuantSpec
 from ..errors import ShapeMismatchError, UnsupportedError
 from .base import QTensor, Scheme
 from .checks import expect_dtype, expect_shape, full_key, need
-from .fp4 import E2M1_TO_FP16_SHIFT, E8M0_BIAS, e2m1_scaled_down
+from .fp4 import E8M0_BIAS, e2m1_scaled_down
 from .hf_match import hf_skipped
 from .registry import register_method
 
