@@ -266,3 +266,18 @@ def test_every_fp8_code_decodes_like_a_cast():
     assert fp8_scaled_down(q) is None
     qt = FP8BlockScheme(None).decode({"weight": q.reshape(16, 16), "weight_scale_inv": torch.tensor(3.0)})
     assert torch.allclose(qt.dequantize(torch.float32), q.reshape(16, 16).float() * 3.0, equal_nan=True, rtol=0, atol=0)
+
+
+def test_release_configs_and_the_fp8_short_name_on_128_blocks():
+    """The quantization_config DeepSeek-V3 and Qwen3-FP8 ship (with their extra 'fmt' key), and
+    quantize="fp8" (128x128 blocks) on layers of whole blocks, against transformers' Fp8Quantize defaults."""
+    spec = spec_from_dict({"activation_scheme": "dynamic", "fmt": "e4m3", "quant_method": "fp8",
+                           "weight_block_size": [128, 128]})
+    assert spec.scheme_for("model.layers.0.mlp.experts.0.up_proj", torch.nn.Linear(256, 128)).name == "fp8-block128x128-float"
+    from quantload.config import resolve_quantize
+    scheme = resolve_quantize("fp8").scheme_for("m", torch.nn.Linear(256, 384))
+    w = torch.randn(384, 256, generator=torch.Generator().manual_seed(9)).to(torch.bfloat16)
+    q, s = _tool_quantize(w, (128, 128))
+    enc = scheme.quantize(w).encode()
+    assert torch.equal(enc["weight"].view(torch.uint8), q.view(torch.uint8)) and torch.equal(enc["weight_scale_inv"], s)
+    assert resolve_quantize("fp8-ue8m0").scheme_for("m", torch.nn.Linear(256, 384)).scale_fmt == "ue8m0"
