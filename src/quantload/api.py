@@ -33,9 +33,9 @@ def checkpoint_spec(path: str, config) -> QuantSpec | None:
     d = path if os.path.isdir(path) else os.path.dirname(os.path.abspath(path))
     file = os.path.join(d, "config.json")
     # older exports keep the config beside the weights: GPTQ quantize_config.json, AutoAWQ
-    # quant_config.json, optimum-quanto quanto_qmap.json
+    # quant_config.json, optimum-quanto quanto_qmap.json, NVIDIA ModelOpt hf_quant_config.json
     for fname, method in (("quantize_config.json", "gptq"), ("quant_config.json", "awq"),
-                          ("quanto_qmap.json", "quanto")):
+                          ("quanto_qmap.json", "quanto"), ("hf_quant_config.json", "modelopt")):
         qfile = os.path.join(d, fname)
         if qc is not None or not os.path.exists(qfile):
             continue
@@ -270,8 +270,8 @@ def _load_checkpoint(source, path, report, t0, *, quantize, dtype, device_map, m
 
     def choose(name, mod):
         scheme = spec.scheme_for(name, mod) if spec is not None else None
-        if scheme is None or isinstance(mod, nn.Embedding):
-            return None
+        if scheme is None or (isinstance(mod, nn.Embedding) and not getattr(scheme, "quantizes_embeddings", False)):
+            return None  # embeddings stay dense unless the format stores them quantized (gemma)
         if ckpt_spec is not None and not scheme.present(weights.suffixes(name)):
             return None  # a dense layer inside a quantized checkpoint (lm_head, skipped modules)
         return scheme
@@ -339,6 +339,8 @@ def read_state_dict(path, *, quantization_config=None) -> dict:
     for k in keys:
         if k not in used:
             out[k] = source.get(k)
+    if hasattr(spec, "decode_unclaimed"):   # pieces no Linear owns (gpt-oss stacked MXFP4 experts)
+        out = spec.decode_unclaimed(out, file=path)
     return out
 
 
