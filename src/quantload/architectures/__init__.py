@@ -18,6 +18,7 @@ from .base import (Family, GGUFModelMap, Metadata, ParamRef, ReadTensor, Unsuppo
                    tensor_shapes)
 from .decoder import eos_token_ids
 from .gemma import Gemma2Family, Gemma3Family
+from .gpt2 import GPT2Family
 from .llama import LlamaFamily
 from .phi3 import Phi3Family
 from .qwen import Qwen2Family, Qwen3Family
@@ -29,6 +30,7 @@ __all__ = ["gguf_to_hf", "hf_to_gguf", "gguf_extra_tensors", "GGUFModelMap", "GG
 
 _FAMILIES: list[Family] = [LlamaFamily(), Qwen2Family(), Qwen3Family(), Gemma2Family(), Gemma3Family(),
                            Phi3Family()]
+_FAMILIES += [GPT2Family()]
 _BY_GGUF_ARCH = {arch: fam for fam in _FAMILIES for arch in fam.gguf_archs}
 _BY_MODEL_TYPE = {mt: fam for fam in _FAMILIES for mt in fam.model_types}
 
@@ -77,7 +79,7 @@ def gguf_to_hf(fields: Mapping[str, Any], tensors: Mapping[str, Any], *, file=No
     used = {ref.gguf_name for ref in params.values()}
     unused = sorted(name for name in shapes if name not in used)
     return GGUFModelMap(arch=arch, config=config, params=params, tied=bool(config.tie_word_embeddings),
-                        unused=unused, eos_token_ids=eos_token_ids(meta))
+                        unused=unused, eos_token_ids=eos_token_ids(meta), adapt=family.adapt)
 
 
 class GGUFWriteMap(NamedTuple):

@@ -1,0 +1,171 @@
+"""The GGUF architectures beyond the llama family, on tiny random transformers models written to GGUF by
+llama.cpp's own converter (tests/gguf_build.py), in F32, F16, Q8_0 and Q4_K.
+
+For each: quantload's logits equal transformers' own GGUF loader (dequantized float32) and the greedy
+tokens are the same; llama.cpp's logits (llama-cpp-python) agree; every file tensor feeds a parameter;
+a quantized file's matrices stay in their blocks; save -> load gives the same model. Where transformers
+and llama.cpp read a file differently, quantload follows llama.cpp and the case's `hf_fix` lists (and
+undoes, on transformers' model) the difference.
+"""
+from __future__ import annotations
+
+import os
+import sys
+
+import numpy as np
+import pytest
+import torch
+import transformers
+
+import quantload
+from quantload.architectures import SUPPORTED_GGUF_ARCHITECTURES, gguf_to_hf
+from quantload.runtime.modules import QEmbedding, QLinear
+from quantload.sources.gguf import GGUFSource
+
+sys.path.insert(0, os.path.dirname(__file__))
+import gguf_build  # noqa: E402
+
+V = gguf_build.VOCAB_SIZE
+IDS = [1, 5, 9, 17, 3, 30, 200, 101]
+BLOCK_TYPES = ("f32", "f16", "q8_0", "q4_k")
+
+
+def _gpt2():
+    # transformers reads gpt2.context_length into n_ctx, not n_positions, so its position table keeps
+    # the default 1024 rows: a file with another count loads re-initialized there (quantload sizes it
+    # from position_embd.weight, as llama.cpp does); 1024 keeps the comparison meaningful
+    config = transformers.GPT2Config(n_embd=256, n_layer=2, n_head=4, vocab_size=V, n_positions=1024,
+                                     bos_token_id=1, eos_token_id=2)
+    config.n_ctx = 1024    # the converter reads the legacy key real GPT-2 configs carry
+    return transformers.GPT2LMHeadModel(config)
+
+
+class Case:
+    def __init__(self, make, hf_fix=None, llama_cpp=True):
+        self.make = make
+        self.hf_fix = hf_fix          # (transformers model, ours) -> None: undo a known transformers difference
+        self.llama_cpp = llama_cpp    # llama.cpp runs this architecture
+
+
+CASES = {
+    "gpt2": Case(_gpt2),
+}
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory):
+    """{case: {block type: path}}: every case's model converted once (one converter run for all)."""
+    root = tmp_path_factory.mktemp("gguf_archs")
+    jobs = []
+    for key, case in CASES.items():
+        torch.manual_seed(0)
+        model = case.make().eval()
+        with torch.no_grad():   # random norms and biases, so their mapping is tested too
+            for name, p in model.named_parameters():
+                if p.ndim == 1:
+                    p.normal_(1.0 if "norm" in name or "ln" in name else 0.0, 0.1)
+        gguf_build.save_tiny(model, root / key)
+        jobs.append((root / key, root / key / f"{key}.f32.gguf"))
+    gguf_build.convert(jobs)
+    out = {}
+    for key in CASES:
+        f32 = root / key / f"{key}.f32.gguf"
+        out[key] = {"f32": f32, **{t: gguf_build.requantize(f32, root / key / f"{key}.{t}.gguf", t)
+                                   for t in BLOCK_TYPES if t != "f32"}}
+    return out
+
+
+def _ours(path):
+    return quantload.load(path, dtype=torch.float32, progress=False)
+
+
+def _theirs(path):
+    return transformers.AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name,
+                                                             dtype=torch.float32).eval()
+
+
+def _logits(model, ids=IDS):
+    with torch.no_grad():
+        return model(torch.tensor([ids])).logits[0]
+
+
+def _greedy(model, n=8):
+    with torch.no_grad():
+        out = model.generate(torch.tensor([IDS[:4]]), max_new_tokens=n, do_sample=False, pad_token_id=0)
+    return out[0].tolist()
+
+
+PARAMS = [(k, t) for k in CASES for t in BLOCK_TYPES]
+
+
+@pytest.mark.parametrize("key, block_type", PARAMS, ids=[f"{k}-{t}" for k, t in PARAMS])
+def test_logits_equal_transformers_gguf(files, key, block_type):
+    path = files[key][block_type]
+    ours, theirs = _ours(path), _theirs(path)
+    if CASES[key].hf_fix is not None:
+        CASES[key].hf_fix(theirs, ours)
+    torch.testing.assert_close(_logits(ours), _logits(theirs), rtol=1e-4, atol=1e-4)
+    assert _greedy(ours) == _greedy(theirs)
+    if block_type in ("q8_0", "q4_k"):   # the matrices stay in their blocks; no float Linear left
+        assert not any(isinstance(m, torch.nn.Linear) for m in ours.modules())
+        assert any(isinstance(m, QLinear) for m in ours.modules())
+        assert any(isinstance(m, QEmbedding) for m in ours.modules())
+
+
+@pytest.mark.parametrize("key", list(CASES))
+def test_every_tensor_feeds_a_parameter(files, key):
+    from quantload.prepare import build_skeleton
+    path = files[key]["q8_0"]
+    src = GGUFSource(str(path))
+    try:
+        spec = gguf_to_hf(src.fields, {n: src.info(n) for n in src.keys()}, file=path, read_tensor=src.get_typed)
+    finally:
+        src.close()
+    assert spec.unused == []
+    model = build_skeleton(spec.config, torch.float32)
+    if spec.adapt is not None:
+        spec.adapt(model)
+    expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    if spec.tied:
+        assert expected.pop("lm_head.weight") == spec.params[next(k for k in spec.params if "wte" in k or
+                                                                   "embed" in k)].shape
+    assert {k: ref.shape for k, ref in spec.params.items()} == expected
+
+
+@pytest.mark.parametrize("key", [k for k in CASES if CASES[k].llama_cpp])
+@pytest.mark.parametrize("block_type", ["f32", "q8_0", "q4_k"])
+def test_logits_near_llama_cpp(files, key, block_type):
+    reason = gguf_build.llama_cpp_available()
+    if reason:
+        pytest.skip(reason)
+    path = files[key][block_type]
+    theirs = torch.from_numpy(gguf_build.llama_cpp_logits(path, IDS))
+    ours = _logits(_ours(path))
+    # llama.cpp multiplies quantized blocks with Q8-quantized activations (and F32 ones with its own
+    # kernels): close, not equal
+    tol = (2e-3 if block_type == "f32" else 3e-2) * ours.abs().max().item()
+    assert (ours - theirs).abs().max().item() <= tol
+    top2 = ours.topk(2, dim=-1).values
+    clear = (top2[:, 0] - top2[:, 1]) > 2 * tol
+    assert torch.equal(ours.argmax(-1)[clear], theirs.argmax(-1)[clear])
+
+
+@pytest.mark.parametrize("key", list(CASES))
+def test_save_and_load_again(files, key, tmp_path):
+    ours = _ours(files[key]["q8_0"])
+    out = tmp_path / f"{key}.gguf"
+    quantload.save(ours, out, quantize="q8_0")
+    again = _ours(out)
+    assert torch.equal(_logits(again), _logits(ours))
+
+
+def test_unsupported_architecture_lists_the_supported(tmp_path):
+    import gguf
+    w = gguf.GGUFWriter(str(tmp_path / "x.gguf"), "rwkv7")
+    w.add_tensor("token_embd.weight", np.zeros((4, 32), np.float32))
+    w.write_header_to_file(); w.write_kv_data_to_file(); w.write_tensors_to_file(); w.close()
+    with pytest.raises(quantload.UnsupportedError, match="'rwkv7' is not mapped") as info:
+        quantload.load(tmp_path / "x.gguf", progress=False)
+    assert ", ".join(SUPPORTED_GGUF_ARCHITECTURES) in str(info.value)
+    for arch in CASES:
+        assert arch in SUPPORTED_GGUF_ARCHITECTURES
