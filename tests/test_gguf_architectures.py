@@ -40,6 +40,28 @@ def _gpt2():
     return transformers.GPT2LMHeadModel(config)
 
 
+def _starcoder2():
+    return transformers.Starcoder2ForCausalLM(transformers.Starcoder2Config(
+        vocab_size=V, hidden_size=256, intermediate_size=512, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=128, bos_token_id=1, eos_token_id=2))
+
+
+def _stablelm():
+    # transformers ignores stablelm.rope.dimension_count and keeps its default partial_rotary_factor
+    # of 0.25 (StableLM 2's): a file with another rotary width loads wrong there, right here
+    return transformers.StableLmForCausalLM(transformers.StableLmConfig(
+        vocab_size=V, hidden_size=256, intermediate_size=512, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, partial_rotary_factor=0.25, use_qkv_bias=True, max_position_embeddings=128,
+        tie_word_embeddings=False, bos_token_id=1, eos_token_id=2))
+
+
+def _nemotron():
+    return transformers.NemotronForCausalLM(transformers.NemotronConfig(
+        vocab_size=V, hidden_size=256, intermediate_size=512, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, partial_rotary_factor=0.5, head_dim=64, max_position_embeddings=128,
+        bos_token_id=1, eos_token_id=2))
+
+
 class Case:
     def __init__(self, make, hf_fix=None, llama_cpp=True):
         self.make = make
@@ -49,6 +71,9 @@ class Case:
 
 CASES = {
     "gpt2": Case(_gpt2),
+    "starcoder2": Case(_starcoder2),
+    "stablelm": Case(_stablelm),
+    "nemotron": Case(_nemotron),
 }
 
 
