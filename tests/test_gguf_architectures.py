@@ -62,9 +62,40 @@ def _nemotron():
         bos_token_id=1, eos_token_id=2))
 
 
+def _falcon():
+    # Falcon 7B's layout: one KV head, one norm per block, parallel attention (the converter reads
+    # num_kv_heads, which transformers sets to the head count unless told)
+    return transformers.FalconForCausalLM(transformers.FalconConfig(
+        vocab_size=V, hidden_size=256, num_hidden_layers=2, num_attention_heads=4, multi_query=True,
+        num_kv_heads=1, parallel_attn=True, new_decoder_architecture=False, bias=False, alibi=False,
+        bos_token_id=1, eos_token_id=2))
+
+
+def _falcon40b():
+    # Falcon 40B/180B's layout: two norms per block, 2 KV groups of 2 query heads
+    return transformers.FalconForCausalLM(transformers.FalconConfig(
+        vocab_size=V, hidden_size=256, num_hidden_layers=2, num_attention_heads=4, num_kv_heads=2,
+        new_decoder_architecture=True, parallel_attn=True, bias=False, alibi=False, bos_token_id=1,
+        eos_token_id=2))
+
+
+def _falcon_gelu(theirs, ours):
+    """llama.cpp's Falcon MLP uses the tanh GELU (ggml_gelu), transformers' the exact one; quantload
+    follows llama.cpp, so transformers' model gets the same activation for the comparison."""
+    assert ours.config.activation == "gelu_pytorch_tanh" and theirs.config.activation == "gelu"
+    for a, b in zip(theirs.transformer.h, ours.transformer.h):
+        a.mlp.act = b.mlp.act
+
+
+def _bloom():
+    return transformers.BloomForCausalLM(transformers.BloomConfig(
+        vocab_size=V, hidden_size=256, n_layer=2, n_head=4, bos_token_id=1, eos_token_id=2))
+
+
 class Case:
-    def __init__(self, make, hf_fix=None, llama_cpp=True):
+    def __init__(self, make, hf_fix=None, llama_cpp=True, transformers=True):
         self.make = make
+        self.transformers = transformers   # transformers' GGUF loader builds this model (else: llama.cpp only)
         self.hf_fix = hf_fix          # (transformers model, ours) -> None: undo a known transformers difference
         self.llama_cpp = llama_cpp    # llama.cpp runs this architecture
 
@@ -74,6 +105,10 @@ CASES = {
     "starcoder2": Case(_starcoder2),
     "stablelm": Case(_stablelm),
     "nemotron": Case(_nemotron),
+    "falcon": Case(_falcon, hf_fix=_falcon_gelu),
+    # transformers' loader reads neither attn_norm_2 nor the KV groups: checked against llama.cpp only
+    "falcon40b": Case(_falcon40b, transformers=False),
+    "bloom": Case(_bloom),
 }
 
 
@@ -120,7 +155,7 @@ def _greedy(model, n=8):
     return out[0].tolist()
 
 
-PARAMS = [(k, t) for k in CASES for t in BLOCK_TYPES]
+PARAMS = [(k, t) for k in CASES for t in BLOCK_TYPES if CASES[k].transformers]
 
 
 @pytest.mark.parametrize("key, block_type", PARAMS, ids=[f"{k}-{t}" for k, t in PARAMS])
@@ -194,3 +229,13 @@ def test_unsupported_architecture_lists_the_supported(tmp_path):
     assert ", ".join(SUPPORTED_GGUF_ARCHITECTURES) in str(info.value)
     for arch in CASES:
         assert arch in SUPPORTED_GGUF_ARCHITECTURES
+
+
+def test_falcon40b_is_a_layout_transformers_gguf_loader_does_not_build(files):
+    """The difference behind `falcon40b`'s transformers=False: its GGUF config reader keeps the 7B
+    layout (one norm, multi-query), so the 40B tensors do not fit; llama.cpp and quantload read it."""
+    path = files["falcon40b"]["f32"]
+    theirs = transformers.AutoConfig.from_pretrained(path.parent, gguf_file=path.name)
+    ours = _ours(path).config
+    assert theirs.new_decoder_architecture is False and theirs.multi_query is True
+    assert ours.new_decoder_architecture is True and ours.num_kv_heads == 2

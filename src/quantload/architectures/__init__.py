@@ -17,6 +17,8 @@ from ..errors import FileFormatError, MissingTensorError, ShapeMismatchError, Un
 from .base import (Family, GGUFModelMap, Metadata, ParamRef, ReadTensor, UnsupportedArchitecture,
                    tensor_shapes)
 from .decoder import eos_token_ids
+from .bloom import BloomFamily
+from .falcon import FalconFamily
 from .gemma import Gemma2Family, Gemma3Family
 from .gpt2 import GPT2Family
 from .nemotron import NemotronFamily
@@ -33,7 +35,8 @@ __all__ = ["gguf_to_hf", "hf_to_gguf", "gguf_extra_tensors", "GGUFModelMap", "GG
 
 _FAMILIES: list[Family] = [LlamaFamily(), Qwen2Family(), Qwen3Family(), Gemma2Family(), Gemma3Family(),
                            Phi3Family()]
-_FAMILIES += [GPT2Family(), Starcoder2Family(), StableLmFamily(), NemotronFamily()]
+_FAMILIES += [GPT2Family(), Starcoder2Family(), StableLmFamily(), NemotronFamily(), FalconFamily(),
+              BloomFamily()]
 _BY_GGUF_ARCH = {arch: fam for fam in _FAMILIES for arch in fam.gguf_archs}
 _BY_MODEL_TYPE = {mt: fam for fam in _FAMILIES for mt in fam.model_types}
 
