@@ -9,6 +9,7 @@ undoes, on transformers' model) the difference.
 """
 from __future__ import annotations
 
+import json
 import os
 import sys
 
@@ -92,9 +93,18 @@ def _bloom():
         vocab_size=V, hidden_size=256, n_layer=2, n_head=4, bos_token_id=1, eos_token_id=2))
 
 
+def _deci():
+    # DeciLM-7B's checkpoint layout: llama tensors under a DeciLMForCausalLM config (per-layer KV heads)
+    return transformers.LlamaForCausalLM(transformers.LlamaConfig(
+        vocab_size=V, hidden_size=256, intermediate_size=512, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=128, tie_word_embeddings=False, bos_token_id=1,
+        eos_token_id=2))
+
+
 class Case:
-    def __init__(self, make, hf_fix=None, llama_cpp=True, transformers=True):
+    def __init__(self, make, hf_fix=None, llama_cpp=True, transformers=True, config_edit=None):
         self.make = make
+        self.config_edit = config_edit     # changes to the saved config.json before converting
         self.transformers = transformers   # transformers' GGUF loader builds this model (else: llama.cpp only)
         self.hf_fix = hf_fix          # (transformers model, ours) -> None: undo a known transformers difference
         self.llama_cpp = llama_cpp    # llama.cpp runs this architecture
@@ -109,6 +119,9 @@ CASES = {
     # transformers' loader reads neither attn_norm_2 nor the KV groups: checked against llama.cpp only
     "falcon40b": Case(_falcon40b, transformers=False),
     "bloom": Case(_bloom),
+    # transformers has no Deci model class: checked against llama.cpp only
+    "deci": Case(_deci, transformers=False, config_edit={"architectures": ["DeciLMForCausalLM"],
+                                                         "num_key_value_heads_per_layer": [2, 2]}),
 }
 
 
@@ -125,6 +138,9 @@ def files(tmp_path_factory):
                 if p.ndim == 1:
                     p.normal_(1.0 if "norm" in name or "ln" in name else 0.0, 0.1)
         gguf_build.save_tiny(model, root / key)
+        if case.config_edit:
+            config_json = root / key / "config.json"
+            config_json.write_text(json.dumps({**json.loads(config_json.read_text()), **case.config_edit}))
         jobs.append((root / key, root / key / f"{key}.f32.gguf"))
     gguf_build.convert(jobs)
     out = {}
@@ -239,3 +255,11 @@ def test_falcon40b_is_a_layout_transformers_gguf_loader_does_not_build(files):
     ours = _ours(path).config
     assert theirs.new_decoder_architecture is False and theirs.multi_query is True
     assert ours.new_decoder_architecture is True and ours.num_kv_heads == 2
+
+
+def test_deci_is_not_built_by_transformers_gguf_loader(files):
+    path = files["deci"]["f32"]
+    with pytest.raises(ValueError, match="model type `deci` but Transformers does not recognize"):
+        _theirs(path)
+    config = _ours(path).config
+    assert type(config).__name__ == "LlamaConfig" and config.num_key_value_heads == 2

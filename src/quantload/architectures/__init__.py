@@ -18,6 +18,7 @@ from .base import (Family, GGUFModelMap, Metadata, ParamRef, ReadTensor, Unsuppo
                    tensor_shapes)
 from .decoder import eos_token_ids
 from .bloom import BloomFamily
+from .deci import DeciFamily
 from .falcon import FalconFamily
 from .gemma import Gemma2Family, Gemma3Family
 from .gpt2 import GPT2Family
@@ -36,7 +37,7 @@ __all__ = ["gguf_to_hf", "hf_to_gguf", "gguf_extra_tensors", "GGUFModelMap", "GG
 _FAMILIES: list[Family] = [LlamaFamily(), Qwen2Family(), Qwen3Family(), Gemma2Family(), Gemma3Family(),
                            Phi3Family()]
 _FAMILIES += [GPT2Family(), Starcoder2Family(), StableLmFamily(), NemotronFamily(), FalconFamily(),
-              BloomFamily()]
+              BloomFamily(), DeciFamily()]
 _BY_GGUF_ARCH = {arch: fam for fam in _FAMILIES for arch in fam.gguf_archs}
 _BY_MODEL_TYPE = {mt: fam for fam in _FAMILIES for mt in fam.model_types}
 
