@@ -115,7 +115,8 @@ for model_dir, out in json.loads(sys.argv[3]):
     model_dir = Path(model_dir)
     hparams = ModelBase.load_hparams(model_dir, False)
     cls = get_model_class(get_model_architecture(hparams, ModelType.TEXT))
-    tiny = type(cls.__name__, (cls,), {"model_arch": cls.model_arch, "set_vocab": set_vocab})
+    extra = {"no_mtp": True} if getattr(cls, "supports_mtp_export", False) else {}   # tiny models have no MTP block
+    tiny = type(cls.__name__, (cls,), {"model_arch": cls.model_arch, "set_vocab": set_vocab, **extra})
     with torch.inference_mode():
         m = tiny(model_dir, ftype, Path(out), eager=True)
         m.write()

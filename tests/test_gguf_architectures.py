@@ -108,9 +108,22 @@ def _lfm2():
         max_position_embeddings=128, bos_token_id=1, eos_token_id=2))
 
 
+def _qwen35():
+    # 2 key heads of 2 value heads each, so llama.cpp's tiled value-head order differs from transformers'
+    return transformers.Qwen3_5ForCausalLM(transformers.Qwen3_5TextConfig(
+        vocab_size=V, hidden_size=256, intermediate_size=512, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, head_dim=64, layer_types=["linear_attention", "full_attention"],
+        full_attention_interval=2, linear_num_key_heads=2, linear_num_value_heads=4, linear_key_head_dim=32,
+        linear_value_head_dim=32, linear_conv_kernel_dim=4, max_position_embeddings=128, bos_token_id=1,
+        eos_token_id=2))
+
+
 class Case:
-    def __init__(self, make, hf_fix=None, llama_cpp=True, transformers=True, config_edit=None, save=True):
+    def __init__(self, make, hf_fix=None, llama_cpp=True, transformers=True, config_edit=None, save=True,
+                 float_linears=(), quantized_tol=3e-2):
         self.make = make
+        self.float_linears = float_linears  # modules a block file still loads as float (a column reorder)
+        self.quantized_tol = quantized_tol  # vs llama.cpp on block files, relative to the largest logit
         self.save = save                   # quantload writes it back as GGUF (else: a named refusal)
         self.config_edit = config_edit     # changes to the saved config.json before converting
         self.transformers = transformers   # transformers' GGUF loader builds this model (else: llama.cpp only)
@@ -131,6 +144,9 @@ CASES = {
     "deci": Case(_deci, transformers=False, config_edit={"architectures": ["DeciLMForCausalLM"],
                                                          "num_key_value_heads_per_layer": [2, 2]}),
     "lfm2": Case(_lfm2, save=False),
+    # ssm_out's columns are reordered (value heads): dequantized at load. The gated delta rule amplifies
+    # llama.cpp's Q8 activation rounding, so block files agree with it more loosely (F32: 2e-3)
+    "qwen35": Case(_qwen35, save=False, float_linears=("linear_attn.out_proj",), quantized_tol=0.1),
 }
 
 
@@ -192,7 +208,8 @@ def test_logits_equal_transformers_gguf(files, key, block_type):
     torch.testing.assert_close(_logits(ours), _logits(theirs), rtol=1e-4, atol=1e-4)
     assert _greedy(ours) == _greedy(theirs)
     if block_type in ("q8_0", "q4_k"):   # the matrices stay in their blocks; no float Linear left
-        assert not any(isinstance(m, torch.nn.Linear) for m in ours.modules())
+        floats = {n for n, m in ours.named_modules() if isinstance(m, torch.nn.Linear)}
+        assert all(any(n.endswith(f) for f in CASES[key].float_linears) for n in floats), floats
         assert any(isinstance(m, QLinear) for m in ours.modules())
         assert any(isinstance(m, QEmbedding) for m in ours.modules())
 
@@ -230,7 +247,7 @@ def test_logits_near_llama_cpp(files, key, block_type):
     ours = _logits(_ours(path))
     # llama.cpp multiplies quantized blocks with Q8-quantized activations (and F32 ones with its own
     # kernels): close, not equal
-    tol = (2e-3 if block_type == "f32" else 3e-2) * ours.abs().max().item()
+    tol = (2e-3 if block_type == "f32" else CASES[key].quantized_tol) * ours.abs().max().item()
     assert (ours - theirs).abs().max().item() <= tol
     top2 = ours.topk(2, dim=-1).values
     clear = (top2[:, 0] - top2[:, 1]) > 2 * tol
