@@ -111,6 +111,8 @@ def load_gguf(source, *, report: LoadReport, t0: float, quantize, dtype, device_
 
     t1 = time.perf_counter()
     model = build_skeleton(mm.config, dtype)
+    if mm.adapt is not None:  # e.g. GPT-2's Conv1D as nn.Linear, the layout its GGUF blocks are in
+        mm.adapt(model)
 
     def choose(name, mod):
         if spec is not None:  # re-quantize: dequantize each GGUF tensor, then quantize with the spec
