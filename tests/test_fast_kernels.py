@@ -41,11 +41,11 @@ FIXTURE_KERNELS = {
     "gptq_v1_b4_g128_sym": "int4pack g128",
     "gptq_v1_b8_g-1_sym": "int8pack",
     "bnb_int8_96x256_float16": "int8pack",
-    "bnb_nf4_dq_96x256_bfloat16": "int8pack rows",
-    "bnb_nf4_nodq_96x256_bfloat16": "int8pack rows",
-    "bnb_fp4_nodq_96x256_bfloat16": "int8pack rows",
-    "hqq_b4_g64_axis1": "int8pack rows",
-    "quanto_qint4": "int8pack rows",
+    "bnb_nf4_dq_96x256_bfloat16": "int8pack rows x2 planes",
+    "bnb_nf4_nodq_96x256_bfloat16": "int8pack rows x2 planes",
+    "bnb_fp4_nodq_96x256_bfloat16": "int8pack rows x2 planes",
+    "hqq_b4_g64_axis1": "int8pack rows x2 planes",
+    "quanto_qint4": "int8pack rows x2 planes",
 }
 NOT_ELIGIBLE = {"bnb_nf4_nodq_7x9_float16": "do not tile the rows"}
 
@@ -228,9 +228,9 @@ def test_group_sizes_the_int4_kernel_cannot_take_are_requantized_to_int8():
     scheme, qt = _ct_int4(group=16)
     prepared = scheme.prepare_runtime(qt)
     kernel = kernels.packed_kernel(prepared)
-    assert kernel.describe() == "int8pack rows"
+    assert kernel.describe() == "int8pack rows x2 planes"
     choice = kernels.choice_of(prepared)
-    assert choice.kernel == "int8pack rows"
+    assert choice.kernel == "int8pack rows x2 planes"
     assert "group size 16 is not a multiple of 32" in choice.not_taken["int4pack"]
     x = torch.randn(2, qt.shape[1])
     w = qt.dequantize(torch.float32)
@@ -282,7 +282,7 @@ def test_gptq_act_order_permutes_the_inputs():
     bad[bad == 1] = 0
     qt_bad = scheme.decode({**{k: v for k, v in qt.data.items() if k != "g_idx"}, "g_idx": bad}, shape=(n_out, n_in))
     bad_prepared = scheme.prepare_runtime(qt_bad)
-    assert kernels.packed_kernel(bad_prepared).describe() == "int8pack rows"      # the exact weight, requantized
+    assert kernels.packed_kernel(bad_prepared).describe() == "int8pack rows x2 planes"      # the exact weight, requantized
     assert "does not put 32 input columns in each group" in kernels.choice_of(bad_prepared).not_taken["int4pack"]
 
 
@@ -318,7 +318,7 @@ def tiny_checkpoint(tmp_path_factory):
 
 
 @pytest.mark.parametrize("quantize, kind", [(ct_config(4, group_size=32, symmetric=False), "int4pack g32"),
-                                            ("nf4", "int8pack rows")])
+                                            ("nf4", "int8pack rows x2 planes")])
 def test_tiny_model_logits_fast_vs_exact(tiny_checkpoint, quantize, kind):
     model = quantload.load(tiny_checkpoint, quantize=quantize, dtype="float32", progress=False)
     linears = [m for _, m in qtensors_of(model) if isinstance(m, QLinear)]
@@ -364,7 +364,23 @@ def test_repacked_on_first_use_only():
     assert kernel.nbytes == sum(t.numel() * t.element_size() for t in (kernel.packed, kernel.scales_zeros))
 
 
-def test_nf4_int8_rows_bound_and_bfloat16_scales():
+def test_nf4_int8_rows_two_planes_hold_the_residual():
+    """w = s * (c1 + c2 / 128): within s / 256 (half a step of the residual plane) of the exact weight."""
+    w = torch.randn(40, 128, generator=torch.Generator().manual_seed(5))
+    scheme = bnb4.Bnb4Scheme("nf4", 64)
+    qt = scheme.quantize(w)
+    kernel = kernels.packed_kernel(scheme.prepare_runtime(qt))
+    assert kernel.describe() == "int8pack rows x2 planes" and kernel.weight.shape == (40, 256)
+    c1, c2 = kernel.weight[:, :128].double(), kernel.weight[:, 128:].double()
+    s = kernel.scales.double().unsqueeze(1)
+    err = (s * (c1 + c2 / 128) - qt.dequantize(torch.float32).double()).abs()
+    assert bool((err <= s / 256 * (1 + 1e-6)).all()) and int(c2.abs().max()) <= 64
+    x = torch.randn(3, 128, generator=torch.Generator().manual_seed(6))
+    assert_within_tolerance(kernel(x, None), x, qt.dequantize(torch.float32), s.expand(40, 128) / 256)
+
+
+def test_nf4_int8_rows_bound_and_bfloat16_scales(monkeypatch):
+    monkeypatch.setattr(kernels, "INT8_ROW_PLANES", 1)      # one plane: the bound of the plain requantization
     w = torch.randn(40, 128, generator=torch.Generator().manual_seed(5))
     w[3] = 0                                                # an all-zero row
     w[7, :64] *= 100                                        # one large block: its row's scale grows

@@ -157,6 +157,15 @@ class GGUFScheme(Scheme):
         rows = blocks[r0:r1] if order is None else blocks.index_select(0, order[r0:r1].to(blocks.device))
         return dequantize_blocks(self.type_id, rows, torch.float32)
 
+    def rows_at(self, qt: QTensor, idx: torch.Tensor) -> torch.Tensor:
+        """The exact float32 rows `idx` (any order, repeats allowed) of a 2-D weight: [len(idx), cols]."""
+        blocks = qt.data["blocks"]
+        order = qt.meta.get(ROW_ORDER)
+        idx = idx.to(blocks.device)
+        if order is not None:
+            idx = order.to(blocks.device)[idx]
+        return dequantize_blocks(self.type_id, blocks.index_select(0, idx), torch.float32)
+
     def embedding(self, ids: torch.Tensor, qt: QTensor, dtype: torch.dtype) -> torch.Tensor:
         """Rows of a [num_embeddings, dim] table: gathers only the rows' blocks, then dequantizes them."""
         if qt.ndim != 2:
