@@ -44,6 +44,8 @@ def cmd_generate(a) -> int:
     import torch
 
     import quantload
+    if getattr(a, "exact", False):   # --exact: dequantize-then-matmul numerics (docs/kernels.md)
+        quantload.set_exact(True)
     path = a.path or default_model_path()
     model = quantload.load(path, quantize=a.quantize, dtype=a.dtype, device_map=a.device_map,
                            max_memory=_memory_arg(a.max_memory), offload_folder=a.offload_folder)
@@ -113,6 +115,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--quantize", default=None)
     g.add_argument("--dtype", default=None)
     g.add_argument("--chat", action="store_true", help="apply the model's chat template")
+    g.add_argument("--exact", action="store_true", help="dequantize-then-matmul numerics instead of the packed kernels")
     placement(g)
     g.set_defaults(fn=cmd_generate)
 
