@@ -37,7 +37,7 @@ def _current_rss() -> int:
         return int(f.read().split()[1]) * resource.getpagesize()
 
 
-def _measure(import_side, load, model_bytes, *, decode: bool) -> dict:
+def _measure(import_side, load, model_bytes, *, decode: bool, decode_tokens: int = DECODE_TOKENS) -> dict:
     t = time.perf_counter()
     import_side()
     out = {"import_s": time.perf_counter() - t, "import_rss": _current_rss()}
@@ -49,7 +49,8 @@ def _measure(import_side, load, model_bytes, *, decode: bool) -> dict:
     if decode:
         try:
             # the prompt's tokenizer comes after the load's figures: it is not part of either side's load
-            out.update(greedy_decode(model, _prompt_ids()))
+            out.update(greedy_decode(model, _prompt_ids(), decode_tokens))
+            out["peak_rss_decode"] = _peak_rss()   # with what the first forwards add (repacked kernels, KV cache)
         except Exception as e:  # keep the load figures; the decode row shows the error
             out["tokens_per_s.error"] = f"{type(e).__name__}: {e}"
     return out
@@ -142,6 +143,12 @@ def ql_gguf_smollm2() -> dict:
 def ql_gguf_decode() -> dict:
     """GGUF Q4_1 on the opt-in packed kernels (Q4_1 maps onto torch's int4pack; repacked on first forward)."""
     return _measure(_import_quantload, _ql_load(inputs.smollm2_gguf(), fast_kernels=True), _quantload_bytes,
+                    decode=True)
+
+
+def ql_gguf_q4_k_decode() -> dict:
+    """SmolLM2 Q4_K_M as llama.cpp quantizes it (inputs.build_q4_k), packed kernels on."""
+    return _measure(_import_quantload, _ql_load(inputs.q4_k_gguf(), fast_kernels=True), _quantload_bytes,
                     decode=True)
 
 
