@@ -93,6 +93,8 @@ RUNNERS = {r.name: r for r in [
            requires=(_LLAMA,), needs_gemma=True),
     Runner("ql.gguf_q4_k_decode", "loads:ql_gguf_q4_k_decode", QUANTLOAD,
            "quantload.load(SmolLM2 Q4_K_M .gguf), packed kernels", requires=(_LLAMA,), needs=("bf16", "q4_k")),
+    Runner("ql.awq", "loads:ql_awq", QUANTLOAD, "quantload.load(AWQ GEMM checkpoint, dtype=float32)",
+           needs=("bf16", "awq")),
     Runner("ql.nf4_kernels", "kernels:ql_nf4_kernels", QUANTLOAD, "quantload NF4 scheme"),
     Runner("bnb.nf4_kernels", "kernels:bnb_nf4_kernels", ALTERNATIVE, "bitsandbytes quantize_4bit/dequantize_4bit",
            requires=(_BNB,)),
@@ -178,6 +180,8 @@ CASES += [
          "ql.prefill_gemma", "llama.prefill_gemma", (_prefill(0.5, ">= 0.5x"),), notes=(_SAME_THREADS,)),
     Case("decode_nf4_vs_dense", "greedy decode, quantload NF4 vs transformers float32 dense", "ql.nf4_decode",
          "hf.dense", (_tokens(1.5, ">= 1.5x"),)),
+    Case("decode_awq_vs_dense", "greedy decode, quantload AWQ (GEMM, 4-bit group 64; round-to-nearest, "
+         "bench/inputs.py) vs transformers float32 dense", "ql.awq", "hf.dense", (_tokens(1.5, ">= 1.5x"),)),
     Case("decode_gguf_q4_k_vs_dense", "greedy decode, quantload GGUF Q4_K_M (llama.cpp's quantize of SmolLM2: "
          "its 576-wide rows fall back to Q5_0, ffn_down is Q4_K/Q6_K) vs transformers float32 dense",
          "ql.gguf_q4_k_decode", "hf.dense", (_tokens(1.5, ">= 1.5x"),)),

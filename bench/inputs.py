@@ -257,6 +257,78 @@ def build_q4_k() -> dict:
     return {"path": str(out), "made_by": made_by}
 
 
+def awq_dir() -> pathlib.Path:
+    return CACHE_DIR / "smollm2-135m-instruct-awq-g64"
+
+
+AWQ_GROUP = 64   # SmolLM2's 576-wide layers take no group of 128 (as for the int4 cases)
+
+
+def awq_rtn(w):
+    """AutoAWQ's asymmetric 4-bit round-to-nearest of w [O, I] per group of AWQ_GROUP inputs, without its
+    activation-aware scale search (no calibration data here): the checkpoint format and the kernel are
+    those of an AutoAWQ GEMM checkpoint, the weights' values are not. -> (q [O, I] 0..15, zeros [O, G]
+    0..15, scales [O, G] float16), w = (q - z) * s."""
+    import torch
+    o, i = w.shape
+    g = w.float().reshape(o, i // AWQ_GROUP, AWQ_GROUP)
+    lo, hi = g.amin(-1), g.amax(-1)
+    scales = ((hi - lo).clamp(min=1e-5) / 15).to(torch.float16)
+    s = scales.float()
+    zeros = (-lo / s).round().clamp(0, 15)
+    q = ((g / s[..., None]).round() + zeros[..., None]).clamp(0, 15)
+    return q.reshape(o, i).to(torch.int32), zeros.to(torch.int32), scales
+
+
+def awq_pack_gemm(q_t):
+    """[rows, O] codes 0..15 -> int32 [rows, O/8] in AutoAWQ's GEMM order (nibble k holds column
+    8c + AWQ_ORDER[k]), as its pack function writes qweight (rows = inputs) and qzeros (rows = groups)."""
+    import torch
+    from quantload.schemes.awq import AWQ_ORDER
+    rows, o = q_t.shape
+    q = q_t.reshape(rows, o // 8, 8)[:, :, list(AWQ_ORDER)].to(torch.int32)
+    packed = torch.zeros(rows, o // 8, dtype=torch.int32)
+    for k in range(8):
+        packed |= q[:, :, k] << (4 * k)     # int32 shifts wrap: the top nibble lands in the sign bit
+    return packed
+
+
+def build_awq() -> dict:
+    """SmolLM2 with every decoder Linear in AutoAWQ's GEMM format (4-bit, group 64, zero points), by
+    awq_rtn from the bf16 checkpoint; the rest (embedding, norms) stays bf16."""
+    out = awq_dir()
+    if provenance(out):
+        return {"path": str(out), "made_by": provenance(out)}
+    if not provenance(bf16_dir()):
+        build_bf16()
+    import torch
+    from safetensors.torch import load_file, save_file
+    src = bf16_dir()
+    state = load_file(str(src / "model.safetensors"))
+    with _building(out) as tmp:
+        packed = {}
+        for k, v in state.items():
+            if k.endswith("_proj.weight") and ".layers." in k:
+                q, z, s = awq_rtn(v)
+                base = k[: -len(".weight")]
+                packed[base + ".qweight"] = awq_pack_gemm(q.t().contiguous())
+                packed[base + ".qzeros"] = awq_pack_gemm(z.t().contiguous())
+                packed[base + ".scales"] = s.t().contiguous()
+            else:
+                packed[k] = v
+        save_file(packed, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+        cfg = json.loads((src / "config.json").read_text())
+        cfg["quantization_config"] = {"quant_method": "awq", "bits": 4, "group_size": AWQ_GROUP, "version": "gemm",
+                                      "zero_point": True, "modules_to_not_convert": ["lm_head"]}
+        (tmp / "config.json").write_text(json.dumps(cfg, indent=1) + "\n")
+        for f in src.iterdir():
+            if f.name.startswith(("tokenizer", "special_tokens", "generation_config")):
+                shutil.copy(f, tmp / f.name)
+        made_by = f"bench.inputs.awq_rtn: AutoAWQ GEMM format, 4-bit group {AWQ_GROUP}, round-to-nearest (no calibration)"
+        _write_provenance(tmp, made_by)
+    return {"path": str(out), "made_by": made_by}
+
+
 # --- the scale series' synthetic checkpoints (bench/scale.py writes them) ---------------------------------
 SCALE_VOCAB = 49152    # SmolLM2's vocabulary: its tokenizer is copied in, so every tool loads the checkpoint
 SCALE_CONFIGS = {
@@ -281,7 +353,7 @@ def _scale_builder(size: str, what: str):
     return build
 
 
-BUILDERS = {"bf16": build_bf16, "nf4": build_nf4, "q4_k": build_q4_k}
+BUILDERS = {"bf16": build_bf16, "nf4": build_nf4, "q4_k": build_q4_k, "awq": build_awq}
 for _size in SCALE_CONFIGS:   # after bf16: the scale checkpoints take its tokenizer
     BUILDERS[f"scale_{_size}"] = _scale_builder(_size, "ckpt")
     BUILDERS[f"scale_{_size}_gguf"] = _scale_builder(_size, "gguf")
@@ -293,7 +365,7 @@ def ready(name: str) -> bool:
     if name.startswith("scale_"):
         size = name[len("scale_"):].removesuffix("_gguf")
         return scale_gguf(size).is_file() if name.endswith("_gguf") else (scale_dir(size) / PROVENANCE).is_file()
-    return provenance({"bf16": bf16_dir(), "nf4": nf4_dir()}[name]) is not None
+    return provenance({"bf16": bf16_dir(), "nf4": nf4_dir(), "awq": awq_dir()}[name]) is not None
 
 
 # --- synthetic kernel inputs (the same bytes on both sides: fixed seeds) --------------------------------

@@ -180,6 +180,12 @@ def ql_int4() -> dict:
                                                 fast_kernels=True, dtype="float32"), _quantload_bytes, decode=True)
 
 
+def ql_awq() -> dict:
+    """The AWQ GEMM checkpoint of inputs.build_awq (4-bit, group 64), packed kernels on."""
+    return _measure(_import_quantload, _ql_load(inputs.awq_dir(), fast_kernels=True, dtype="float32"),
+                    _quantload_bytes, decode=True)
+
+
 def ql_dense() -> dict:
     return _measure(_import_quantload, _ql_load(inputs.bf16_dir(), dtype="float32"), _quantload_bytes,
                     decode=True)

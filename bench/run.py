@@ -208,6 +208,7 @@ def src_state() -> str:
 
 def _brief(metrics: dict) -> str:
     keys = [("seconds", "{:.2f} s"), ("peak_rss", None), ("tokens_per_s", "{:.1f} tok/s"),
+            ("tokens_prefill_per_s", "prefill {:.1f} tok/s"),
             ("copy_gb_per_s", "{:.2f} GB/s")]
     parts = []
     for k, f in keys:

@@ -243,3 +243,18 @@ def test_scale_checkpoint_has_the_tensors_of_its_llama(size):
     expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
     assert dict(scale._tensors(c)) == expected
     assert scale.parameter_count(size) == sum(p.numel() for p in model.parameters())
+
+
+def test_awq_input_packs_as_quantload_reads_autoawq():
+    import torch
+    from quantload.schemes.awq import AWQScheme
+    w = torch.randn(16, 128, generator=torch.Generator().manual_seed(0))
+    q, z, s = inputs.awq_rtn(w)
+    assert q.min() >= 0 and q.max() <= 15 and z.min() >= 0 and z.max() <= 15
+    scheme = AWQScheme(inputs.AWQ_GROUP, version="gemm", zero_point=True, bits=4)
+    qt = scheme.decode({"qweight": inputs.awq_pack_gemm(q.t().contiguous()),
+                        "qzeros": inputs.awq_pack_gemm(z.t().contiguous()), "scales": s.t().contiguous()},
+                       shape=(16, 128))
+    expected = (q.reshape(16, 2, 64).half() - z[..., None].half()) * s[..., None]   # AutoAWQ's (q - z) * s
+    assert torch.equal(scheme.dequantize(qt, torch.float32), expected.reshape(16, 128).float())
+    assert (scheme.dequantize(qt, torch.float32) - w).abs().max() <= s.float().max() * 0.51   # round to nearest
