@@ -4,7 +4,7 @@ Both sides run the same GGUF file on the same number of threads (inputs.bench_th
 the physical cores), and are timed the same way:
 - decode: greedy, DECODE_TOKENS new tokens after the prompt inputs.PROMPT, end-of-sequence ignored;
   tokens/s counts the tokens after the first over the time after the first (the first comes out of the
-  prompt's forward). One warm-up decode first (quantload repacks its weights on the first forward,
+  prompt's forward). A warm-up decode of WARMUP_TOKENS first (quantload repacks its weights on the first forward,
   llama.cpp maps and pages in its file), then the median of IN_PROCESS runs.
 - prefill: the first inputs.PREFILL_TOKENS tokens of inputs.prefill_text() in one forward into an empty
   KV cache, logits of the last position only (llama.cpp's default); tokens/s, median of IN_PROCESS
@@ -20,11 +20,12 @@ import time
 from . import inputs
 
 DECODE_TOKENS = 32
+WARMUP_TOKENS = 4
 IN_PROCESS = 3
 
 
-def _median_of(fn, n: int = IN_PROCESS):
-    fn()                                   # warm-up: first-call costs stay out of the figure
+def _median_of(fn, warmup=None, n: int = IN_PROCESS):
+    (warmup or fn)()                       # warm-up: first-call costs stay out of the figure
     return statistics.median(fn() for _ in range(n))
 
 
@@ -47,11 +48,11 @@ def ql_decode(path) -> dict:
     ids = tok(inputs.PROMPT, return_tensors="pt")["input_ids"]
     runs = []
 
-    def once():
-        g = generation.greedy(model, ids, DECODE_TOKENS, stop_at_eos=False)
+    def once(n=DECODE_TOKENS):
+        g = generation.greedy(model, ids, n, stop_at_eos=False)
         runs.append(g)
         return g.decode_tokens_per_s
-    rate = _median_of(once)
+    rate = _median_of(once, lambda: once(WARMUP_TOKENS))
     return {"tokens_per_s": rate, "tokens": runs[-1].tokens, "threads": threads, "load_s": load_s,
             "prompt_tokens": ids.shape[1], "api": "generation.greedy, packed kernels"}
 
@@ -103,17 +104,17 @@ def llama_decode(path) -> dict:
     ids = llm.tokenize(inputs.PROMPT.encode(), add_bos=True, special=False)
     runs = []
 
-    def once():
+    def once(n=DECODE_TOKENS):
         out, t_first = [], None
         for t in llm.generate(ids, temp=0.0, reset=True):   # temp 0: llama.cpp's greedy sampler
             out.append(int(t))
             if t_first is None:
                 t_first = time.perf_counter()
-            if len(out) == DECODE_TOKENS:
+            if len(out) == n:
                 break
         runs.append(out)
         return (len(out) - 1) / (time.perf_counter() - t_first)
-    rate = _median_of(once)
+    rate = _median_of(once, lambda: once(WARMUP_TOKENS))
     return {"tokens_per_s": rate, "tokens": runs[-1], "threads": threads, "load_s": load_s,
             "prompt_tokens": len(ids)}
 
