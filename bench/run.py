@@ -138,7 +138,7 @@ def build_inputs(status: dict, timeout: float, log) -> dict[str, dict]:
     built = {}
     for name in [n for n in inputs.BUILDERS if n in needed]:     # bf16 before nf4
         if not inputs.ready(name):
-            log(f"building input {name} (once, cached under {inputs.CACHE_DIR}) ...")
+            log(f"building input {name} (once, then cached) ...")
         res = run_worker(f"input:{name}", timeout)
         built[name] = res
         if not res["ok"]:
