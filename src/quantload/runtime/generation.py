@@ -89,6 +89,11 @@ def _cache_kwarg(model) -> str:
     return "cache" if "cache" in params else "past_key_values"
 
 
+def _prefill_kwargs(model) -> dict:
+    """Logits of the prompt's last position only, where the model's forward takes logits_to_keep."""
+    return {"logits_to_keep": 1} if "logits_to_keep" in inspect.signature(model.forward).parameters else {}
+
+
 def _new_cache(model):
     from transformers import DynamicCache
     try:
@@ -116,7 +121,7 @@ def greedy(model, input_ids: torch.Tensor, max_new_tokens: int, *, eos_token_id=
     tokens, per_token = [], []
     with torch.inference_mode():
         t0 = time.perf_counter()
-        logits = model(ids, use_cache=True, logits_to_keep=1, **{key: cache}).logits
+        logits = model(ids, use_cache=True, **_prefill_kwargs(model), **{key: cache}).logits
         nxt = logits[:, -1].argmax(-1, keepdim=True)
         tokens.append(int(nxt))
         prefill_s = time.perf_counter() - t0
