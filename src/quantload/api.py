@@ -150,9 +150,12 @@ def _load_checkpoint(source, path, report, t0, *, quantize, dtype, device_map, m
             raise ConfigError("no config.json beside the weights: pass model= (your nn.Module) or a "
                               "directory with config.json", file=path)
         model = build_skeleton(config, dtype, trust_remote_code=trust_remote_code)
+    from .moe_load import prepare_experts
+    experts = prepare_experts(model, source, spec, dtype)  # MoE: fused experts -> one Linear per expert
     modules = list(model.named_modules())
     names = [n for n, _ in named_tensors(modules, "_parameters")] + [n for n, _ in named_tensors(modules, "_buffers")]
-    weights = CheckpointWeights(source, names, getattr(model, "base_model_prefix", None))
+    weights = (CheckpointWeights if experts is None else experts.weights)(
+        source, names, getattr(model, "base_model_prefix", None))
 
     def choose(name, mod):
         scheme = spec.scheme_for(name, mod) if spec is not None else None
