@@ -426,3 +426,48 @@ def test_prequantized_router_is_dequantized_once_at_load(tmp_path):
     router = ours.model.layers[0].mlp.gate.weight
     assert type(router) is torch.nn.Parameter
     assert torch.equal(router, dense["model.layers.0.block_sparse_moe.gate.weight"])
+
+
+# --- gpt-oss MXFP4: stacked quantized experts, one packed QTensor per expert ---------------------------
+def mxfp4_pack(w):
+    """compressed-tensors' own MXFP4 packer: [out, in] -> blocks [out, in/32, 16], E8M0 scales [out, in/32]
+    (the byte layout of gpt-oss's `*_blocks` / `*_scales`)."""
+    from compressed_tensors.compressors.mxfp4 import MXFP4PackedCompressor
+    from compressed_tensors.quantization import preset_name_to_scheme
+    from compressed_tensors.quantization.utils import calculate_qparams
+    scheme = preset_name_to_scheme("MXFP4A16", ["Linear"])
+    g = w.unflatten(-1, (-1, 32))
+    scale, _ = calculate_qparams(g.amin(-1).float(), g.amax(-1).float(), scheme.weights)
+    out = MXFP4PackedCompressor.compress({"weight": w, "weight_scale": scale}, scheme)
+    return out["weight_packed"].reshape(w.shape[0], -1, 16), out["weight_scale"]
+
+
+def test_gpt_oss_mxfp4_experts_stay_packed_and_equal_transformers(tmp_path):
+    pytest.importorskip("quantload.schemes.mxfp4", reason="the MXFP4 scheme (formats branch) is not here")
+    pytest.importorskip("compressed_tensors.compressors.mxfp4")
+    model = tiny_model("gpt_oss").to(torch.bfloat16)
+    tensors = {}
+    for k, v in model.state_dict().items():
+        if k.endswith(("experts.gate_up_proj", "experts.down_proj")):
+            packed = [mxfp4_pack(v[e].t().contiguous()) for e in range(E)]    # per expert [out, in]
+            tensors[k + "_blocks"] = torch.stack([p[0] for p in packed])
+            tensors[k + "_scales"] = torch.stack([p[1] for p in packed])
+        else:
+            tensors[k] = v
+    write_checkpoint(tmp_path / "m", "gpt_oss", tensors, {
+        "quant_method": "mxfp4", "modules_to_not_convert": ["model.layers.*.self_attn", "model.layers.*.mlp.router",
+                                                            "model.embed_tokens", "lm_head"]})
+    theirs = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "m", dtype=torch.float32).eval()  # CPU: dequantized
+    ours = quantload.load(tmp_path / "m", dtype=torch.float32, progress=False)
+    assert ours.load_report.unexpected_keys == [] and ours.load_report.missing_keys == []
+    for layer, experts in enumerate(qexperts(ours)):
+        gu = theirs.model.layers[layer].mlp.experts.gate_up_proj      # [E, H, 2I], gate/up interleaved
+        down = theirs.model.layers[layer].mlp.experts.down_proj       # [E, I, H]
+        for e, mlp in enumerate(experts):
+            assert all(getattr(mlp, r).scheme.name == "mxfp4" for r in ("gate_proj", "up_proj", "down_proj"))
+            assert torch.equal(mlp.gate_proj.qweight.dequantize(torch.float32), gu[e][:, 0::2].t())
+            assert torch.equal(mlp.up_proj.qweight.dequantize(torch.float32), gu[e][:, 1::2].t())
+            assert torch.equal(mlp.down_proj.qweight.dequantize(torch.float32), down[e].t())
+            assert mlp.down_proj.qweight.nbytes == HIDDEN * INTER // 2 + HIDDEN * INTER // 32
+    torch.testing.assert_close(logits(ours), logits(theirs), rtol=1e-5, atol=1e-5)
+    assert greedy(ours) == greedy(theirs)

@@ -28,6 +28,8 @@ from .checkpoint_weights import CheckpointWeights
 from .errors import ShapeMismatchError
 from .prepare import set_submodule
 from .runtime.experts import GATE_GPT_OSS, GATE_SILU, QExperts
+from .runtime.modules import QLinear
+from .schemes.base import QTensor
 
 #: transformers experts classes whose forward QExperts reproduces (each one tested in tests/test_moe.py)
 SUPPORTED_EXPERTS = ("Qwen2MoeExperts", "Qwen3MoeExperts", "MixtralExperts", "GptOssExperts")
@@ -140,11 +142,14 @@ class MoECheckpointWeights(CheckpointWeights):
     for Mixtral), or slices of the fused tensors when the checkpoint has those."""
 
     def __init__(self, source, model_names, base_prefix, replaced: dict[str, FusedLayout], spec=None,
-                 routers: dict[str, torch.Size] | None = None):
+                 routers: dict[str, torch.Size] | None = None, stacked: dict[str, tuple] | None = None):
         super().__init__(source, model_names, base_prefix)
         self.routes = expert_routes(replaced)
         self.spec = spec
         self.routers = routers or {}
+        self.replaced = replaced
+        self.stacked = stacked or {}          # expert module name -> (experts prefix, stem, expert, role)
+        self._stacked_cache: dict[tuple[str, str], object] = {}
         if any(".block_sparse_moe." in k for k in self.keys):
             self.key_of = _RenamedKeys(self.key_of, _MIXTRAL_RENAMES)
         self._fused_counted: set[str] = set()
@@ -180,6 +185,41 @@ class MoECheckpointWeights(CheckpointWeights):
             self.bytes_read += full.numel() * full.element_size()
         return layout.expert_slice(role, kind, full, e)
 
+    def qtensor(self, module_name: str, mod):
+        route = self.stacked.get(module_name)
+        if route is None:
+            return super().qtensor(module_name, mod)
+        return self._stacked_expert(mod, *route)
+
+    def _stacked_expert(self, mod, prefix: str, stem: str, e: int, role: str):
+        """Expert e's `role` weight from stacked quantized experts (gpt-oss MXFP4 `<stem>_blocks` [E, R,
+        G, 16] + `_scales`): the scheme's select_expert view, then gate/up's rows, copied once into their
+        own packed tensors (so each expert stays packed on its own)."""
+        scheme = mod.scheme
+        stacked = self._stacked_cache.get((prefix, stem))
+        if stacked is None:
+            keys = [self.key_of(f"{prefix}.{k}") for k in scheme.required_keys()]
+            pieces = {k: self._read(full) for k, full in zip(scheme.required_keys(), keys)}
+            self.companions += len(pieces) - 1
+            stacked = scheme.decode(pieces, shape=None, file=self._file_of(keys[0]), prefix=prefix)
+            self._stacked_cache[(prefix, stem)] = stacked
+        layout = self.replaced[prefix]
+        one = scheme.select_expert(stacked, e)
+        if stem == "gate_up_proj":
+            i = layout.intermediate
+            rows = (slice(0, None, 2) if role == "gate_proj" else slice(1, None, 2)) if layout.interleaved else \
+                (slice(0, i) if role == "gate_proj" else slice(i, 2 * i))
+            one = QTensor(scheme, {k: v[rows].contiguous() for k, v in one.data.items()}, (i, one.shape[1]),
+                          one.dtype, one.meta)
+        else:
+            one = QTensor(scheme, {k: v.contiguous() for k, v in one.data.items()}, one.shape, one.dtype, one.meta)
+        if tuple(one.shape) != tuple(mod._logical_shape):
+            raise ShapeMismatchError(f"expert {e} {role}: stacked {stem} gives {tuple(one.shape)}, the model "
+                                     f"expects {tuple(mod._logical_shape)}", file=self._file_of(self.key_of(prefix + "." + stem + "_blocks")),
+                                     key=f"{prefix}.{stem}")
+        one.dtype = mod._logical_dtype
+        return one
+
     def _quantized_router(self, name: str) -> torch.Tensor | None:
         """A router weight the checkpoint stores quantized (transformers 4 + bitsandbytes quantized the
         `mlp.gate` Linear; transformers 5 makes it a plain parameter): decoded, then dequantized."""
@@ -199,13 +239,37 @@ class MoECheckpointWeights(CheckpointWeights):
 class ExpertsPlan:
     """What prepare_experts decided: the replaced modules, and the Weights class that reads them."""
 
-    def __init__(self, replaced: dict[str, FusedLayout], spec, routers: dict[str, torch.Size]):
+    def __init__(self, replaced: dict[str, FusedLayout], spec, routers: dict[str, torch.Size], stacked):
         self.replaced = replaced
         self.spec = spec
         self.routers = routers
+        self.stacked = stacked
 
     def weights(self, source, model_names, base_prefix) -> MoECheckpointWeights:
-        return MoECheckpointWeights(source, model_names, base_prefix, self.replaced, self.spec, self.routers)
+        return MoECheckpointWeights(source, model_names, base_prefix, self.replaced, self.spec, self.routers,
+                                    self.stacked)
+
+
+def quantize_stacked_experts(model: nn.Module, replaced: dict[str, FusedLayout], spec, keys: set,
+                             dtype: torch.dtype) -> dict[str, tuple]:
+    """Checkpoints that keep the experts stacked and quantized (gpt-oss MXFP4: `gate_up_proj_blocks`
+    [E, 2I, H/32, 16]): the spec names a scheme per stacked parameter (`experts_schemes`); each expert
+    Linear becomes a QLinear of that scheme, filled from its expert's rows. {module name: route}."""
+    schemes_of = getattr(spec, "experts_schemes", None)
+    routes = {}
+    if schemes_of is None:
+        return routes
+    for prefix in replaced:
+        experts = model.get_submodule(prefix)
+        for stem, scheme in schemes_of(prefix).items():
+            if not all(f"{prefix}.{k}" in keys for k in scheme.required_keys()):
+                continue
+            roles = ("gate_proj", "up_proj") if stem == "gate_up_proj" else ("down_proj",)
+            for e, mlp in enumerate(experts):
+                for role in roles:
+                    setattr(mlp, role, QLinear.from_linear(getattr(mlp, role), scheme, dtype))
+                    routes[f"{prefix}.{e}.{role}"] = (prefix, stem, e, role)
+    return routes
 
 
 def prepare_experts(model: nn.Module, source, spec, dtype: torch.dtype) -> ExpertsPlan | None:
@@ -219,4 +283,6 @@ def prepare_experts(model: nn.Module, source, spec, dtype: torch.dtype) -> Exper
         return None
     routers = {f"{name}.weight": mod.weight.shape for name, mod in model.named_modules()
                if type(mod).__name__.endswith("TopKRouter") and isinstance(getattr(mod, "weight", None), torch.Tensor)}
-    return ExpertsPlan(replace_experts(model, dtype), spec, routers)
+    replaced = replace_experts(model, dtype)
+    stacked = quantize_stacked_experts(model, replaced, spec, set(source.keys()), dtype)
+    return ExpertsPlan(replaced, spec, routers, stacked)
