@@ -267,6 +267,8 @@ def _load_checkpoint(source, path, report, t0, *, quantize, dtype, device_map, m
                                file=config_file)
     else:
         aliases = parameters_to_meta(model)  # real parameters are replaced by the checkpoint's, not kept
+    from .moe_load import prepare_experts
+    experts = prepare_experts(model, source, spec, dtype)  # MoE: fused experts -> one Linear per expert
     if user_spec is not None and ckpt_spec is None:
         from .scheme_fit import announce, fit_spec
         user_spec, note = fit_spec(user_spec, model, quantize)
@@ -275,7 +277,8 @@ def _load_checkpoint(source, path, report, t0, *, quantize, dtype, device_map, m
     skip_before = list(spec.skip_modules) if spec is not None else []
     modules = list(model.named_modules())
     names = [n for n, _ in named_tensors(modules, "_parameters")] + [n for n, _ in named_tensors(modules, "_buffers")]
-    weights = CheckpointWeights(source, names, getattr(model, "base_model_prefix", None))
+    weights = (CheckpointWeights if experts is None else experts.weights)(
+        source, names, getattr(model, "base_model_prefix", None))
 
     if quantize_lm_head and user_spec is not None and ckpt_spec is None:
         spec = _with_quantized_head(spec, model, report)

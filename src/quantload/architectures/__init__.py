@@ -143,3 +143,20 @@ def gguf_extra_tensors(config) -> dict:
     `rope_factors_long/short.weight` (Phi-3 LongRoPE), as float32."""
     family = _family_for_config(config)
     return family.extra_tensors(config, family.gguf_arch_for(config))
+
+
+# --- mixture-of-experts families (registered here, after the dense ones, so each list stays one edit) ---
+def _register(*families: Family) -> None:
+    global SUPPORTED_GGUF_ARCHITECTURES, SUPPORTED_MODEL_TYPES
+    for fam in families:
+        _FAMILIES.append(fam)
+        _BY_GGUF_ARCH.update({arch: fam for arch in fam.gguf_archs})
+        _BY_MODEL_TYPE.update({mt: fam for mt in fam.model_types})
+    SUPPORTED_GGUF_ARCHITECTURES = tuple(sorted(_BY_GGUF_ARCH))
+    SUPPORTED_MODEL_TYPES = tuple(sorted(_BY_MODEL_TYPE))
+
+
+from .gpt_oss import GptOssFamily  # noqa: E402
+from .qwen_moe import Qwen2MoeFamily, Qwen3MoeFamily  # noqa: E402
+
+_register(Qwen2MoeFamily(), Qwen3MoeFamily(), GptOssFamily())
