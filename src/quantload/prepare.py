@@ -74,6 +74,9 @@ def model_class_for(config, *, causal_preferred: bool = True, file: str | None =
         if not (isinstance(cls, type) and issubclass(cls, transformers.PreTrainedModel)):
             raise ConfigError(f"architectures names {arch!r}, which is not a transformers model class; expected "
                               "e.g. 'LlamaForCausalLM'", file=file, key="architectures")
+        if cls.__name__.endswith("PreTrainedModel"):   # the shared base of a family: no layers of its own
+            raise ConfigError(f"architectures names {arch!r}, an abstract base class with no layers; expected a "
+                              "concrete model class such as 'LlamaForCausalLM'", file=file, key="architectures")
         return cls
     from transformers import AutoModel, AutoModelForCausalLM
     if causal_preferred:
