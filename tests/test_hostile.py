@@ -237,6 +237,18 @@ def test_fifo_named_like_weights(tmp_path, name, by):
     assert "is a FIFO, not a regular file" in str(e)
 
 
+def test_fifo_config_json(tiny, tmp_path):
+    d = tmp_path / "c"
+    shutil.copytree(tiny, d)
+    (d / "config.json").unlink()
+    os.mkfifo(d / "config.json")
+    finished, e, th = run_with_deadline(lambda: load(d))
+    if not finished:
+        os.close(os.open(d / "config.json", os.O_WRONLY | os.O_NONBLOCK))
+        th.join(5)
+    assert finished and isinstance(e, FileFormatError) and e.file == str(d / "config.json"), e
+
+
 def test_fifo_gguf_tokenizer(tmp_path):
     fifo = tmp_path / "x.gguf"
     os.mkfifo(fifo)
@@ -261,10 +273,22 @@ def test_gguf_missing_middle_block(tmp_path):
     from quantload.architectures import gguf_to_hf
     src = GGUFSource(path)
     shapes = {n: src.info(n) for n in src.keys() if not n.startswith("blk.1.")}
-    with pytest.raises(FileFormatError, match=r"with \[1\] missing") as e:
+    with pytest.raises(FileFormatError, match=r"stop at blk.2 with blocks \[1\] missing") as e:
         gguf_to_hf(src.fields, shapes, file=path)
-    src.close()
     assert e.value.key == "llama.block_count"
+    far = {**{n: src.info(n) for n in src.keys()}, "blk.99999999999.attn_q.weight": ((32, 32), 0)}
+    with pytest.raises(FileFormatError, match=r"stop at blk.99999999999 with blocks \[3, 4, 5, 6, 7\] missing"):
+        gguf_to_hf(src.fields, far, file=path)
+    src.close()
+
+
+def test_layer_index_far_past_the_stack(tiny, tmp_path):
+    """A stray tensor of layer 10^12: named, without building a set of 10^12 indices."""
+    def add(sd):
+        sd["model.layers.1000000000000.mlp.up_proj.weight"] = torch.zeros(1)
+        return sd
+    d = variant(tiny, tmp_path / "c", tensors=add)
+    refused(lambda: load(d), ConfigError, file="config.json", key="num_hidden_layers", fragment="with [2, 3, 4, 5, 6] missing")
 
 
 @pytest.mark.parametrize("n", [-1, 1, 3])
@@ -468,3 +492,13 @@ def test_gguf_unconsumed_tensor(tmp_path):
     refused(lambda: load(tmp_path / "y.gguf"), UnexpectedTensorError, file="y.gguf", key="unused.weight",
             fragment="not used by the model")
     assert load(tmp_path / "y.gguf", strict=False).load_report.unexpected_keys == ["unused.weight"]
+
+
+def test_plan_checks_the_config_too(tiny, tmp_path):
+    """plan() builds the same skeleton: the same check runs before it."""
+    d = variant(tiny, tmp_path / "c", config={"num_hidden_layers": 1_000_000})
+    refused(lambda: quantload.plan(d, device_map="cpu"), ConfigError, file="config.json", key="num_hidden_layers",
+            fragment="expected between 1 and")
+    d = variant(tiny, tmp_path / "d", config={"num_hidden_layers": 5})
+    refused(lambda: quantload.plan(d, device_map="cpu"), ConfigError, file="config.json", key="num_hidden_layers",
+            fragment="holds 2 layers (0-1) under 'model.layers'")

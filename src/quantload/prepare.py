@@ -168,7 +168,8 @@ def check_config(config, source, *, file: str | None = None) -> None:
         if stacks and not any(ids == set(range(n)) for ids in stacks.values()):
             name, ids = max(stacks.items(), key=lambda kv: len(kv[1]))
             have = len(ids)
-            holes = sorted(set(range(max(ids) + 1)) - ids)[:5]
+            top = max(ids) + 1
+            holes = [i for i in range(min(top, have + 5)) if i not in ids][:5] if top != have else []
             found = f"layers {sorted(ids)[:3]}... with {holes} missing" if holes else f"{have} layers (0-{have - 1})"
             raise ConfigError(f"num_hidden_layers={n}, but the checkpoint holds {found} under '{name}'; "
                               f"expected num_hidden_layers={have if not holes else 'a complete stack'}",
