@@ -44,8 +44,8 @@ def checkpoint_spec(path: str, config) -> QuantSpec | None:
         try:
             with open(qfile) as f:
                 loaded = json.load(f)
-        except (OSError, ValueError) as e:
-            raise ConfigError(f"cannot parse: {e}", file=qfile) from e
+        except (OSError, ValueError, RecursionError) as e:
+            raise ConfigError(f"cannot parse: {type(e).__name__}: {str(e)[:200]}", file=qfile) from None
         if not isinstance(loaded, dict):
             raise ConfigError(f"expected a JSON object, found {type(loaded).__name__}", file=qfile)
         qc = {"quant_method": method, "quanto_qmap": loaded} if method == "quanto" else loaded

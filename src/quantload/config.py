@@ -109,8 +109,10 @@ _DTYPES = {"float16": torch.float16, "fp16": torch.float16, "half": torch.float1
 
 
 def parse_dtype(d, *, what: str = "dtype", file: str | None = None, key: str | None = None) -> torch.dtype | None:
-    if d is None or isinstance(d, torch.dtype):
+    if d is None or isinstance(d, torch.dtype) and d.is_floating_point:
         return d
+    if isinstance(d, torch.dtype):
+        d = dtype_name(d)   # int8, bool...: refused below with the float names
     if isinstance(d, str):
         s = d.lower().removeprefix("torch.")
         if s in _DTYPES:

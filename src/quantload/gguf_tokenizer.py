@@ -29,6 +29,8 @@ from .errors import FileFormatError, UnsupportedError
 from .sources.gguf_strings import StringArray
 
 NORMAL, UNKNOWN, CONTROL, USER_DEFINED, UNUSED, BYTE = 1, 2, 3, 4, 5, 6
+#: the longest token accepted (characters); real vocabularies stay under a few hundred
+MAX_TOKEN_CHARS = 1 << 16
 
 # --- split regexes per tokenizer.ggml.pre (as in transformers' GGUF integration / llama-vocab.cpp) -------
 _LLAMA3 = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}"
@@ -89,6 +91,14 @@ class _Vocab:
             raise FileFormatError("expected a non-empty array of strings", file=file, key="tokenizer.ggml.tokens")
         self.tokens: list[str] = list(tokens)
         n = len(self.tokens)
+        if not all(isinstance(t, str) for t in self.tokens):
+            bad = next(i for i, t in enumerate(self.tokens) if not isinstance(t, str))
+            raise FileFormatError(f"token {bad} is a {type(self.tokens[bad]).__name__}; expected strings", file=file,
+                                  key="tokenizer.ggml.tokens")
+        longest = max(range(n), key=lambda i: len(self.tokens[i]))
+        if len(self.tokens[longest]) > MAX_TOKEN_CHARS:
+            raise FileFormatError(f"token {longest} is {len(self.tokens[longest])} characters long; expected at most "
+                                  f"{MAX_TOKEN_CHARS}", file=file, key="tokenizer.ggml.tokens")
         self.types = self._numeric(fields, "tokenizer.ggml.token_type", n, np.integer)
         self.scores = self._numeric(fields, "tokenizer.ggml.scores", n, np.floating)
         merges = fields.get("tokenizer.ggml.merges")
@@ -151,8 +161,7 @@ def _split_merge(merge: str) -> tuple[str, str]:
 
 # --- builders ----------------------------------------------------------------------------------------------
 def _byte_level(v: _Vocab):
-    from tokenizers import Regex, Tokenizer, decoders, pre_tokenizers
-    from tokenizers.models import BPE
+    from tokenizers import Regex, decoders, pre_tokenizers
 
     if v.merges is None:
         raise FileFormatError("a gpt2 (byte-level BPE) vocabulary needs merges, and there are none",
@@ -163,8 +172,9 @@ def _byte_level(v: _Vocab):
     for i, tok in enumerate(v.tokens):
         vocab[tok if _BYTE_ALPHABET.issuperset(tok) else "".join(_BYTE_CHARS[b] for b in tok.encode())] = i
     merges = [_split_merge(m) for m in v.merges]
-    tk = Tokenizer(BPE(vocab=vocab, merges=merges, dropout=None, continuing_subword_prefix="",
-                       end_of_word_suffix="", fuse_unk=False))
+    _check_merges(merges, vocab, v.file)
+    tk = _bpe(v.file, vocab=vocab, merges=merges, dropout=None, continuing_subword_prefix="",
+              end_of_word_suffix="", fuse_unk=False)
     if v.pre not in PRE_TOKENIZER_SPLITS:
         warnings.warn(f"{v.file or 'GGUF'}: tokenizer.ggml.pre {v.pre!r} is not known; using the GPT-2 split "
                       f"regex, which may tokenize differently from llama.cpp", stacklevel=3)
@@ -181,15 +191,46 @@ def _byte_level(v: _Vocab):
     return tk, vocab
 
 
+def _check_merges(merges: list[tuple[str, str]], vocab: dict[str, int], file) -> None:
+    """A merge joins two tokens of the vocabulary into a third one of it (what `tokenizers` requires,
+    raising a bare Exception otherwise)."""
+    for i, (left, right) in enumerate(merges):
+        for part in (left, right, left + right):
+            if part not in vocab:
+                raise FileFormatError(f"merge {i} ({left!r} + {right!r}) needs {part[:40]!r}, which is not in "
+                                      "tokenizer.ggml.tokens; expected merges of tokens of the vocabulary",
+                                      file=file, key="tokenizer.ggml.merges")
+
+
+def _bpe(file, **kwargs):
+    """tokenizers' BPE model, its refusals (a bare Exception) as a FileFormatError naming the file."""
+    from tokenizers import Tokenizer
+    from tokenizers.models import BPE
+    try:
+        return Tokenizer(BPE(**kwargs))
+    except Exception as e:
+        raise FileFormatError(f"tokenizers refuses this vocabulary: {str(e)[:200]}", file=file,
+                              key="tokenizer.ggml.merges") from None
+
+
 def spm_merges(tokens: list[str], scores, vocab: dict[str, int]) -> list[tuple[str, str]]:
     """BPE merges equivalent to SentencePiece's score-driven merging: every split of a token into two
     tokens of the vocabulary, ranked by the score of the merged token (best first), then longer left
     part, longer right part, then the ids of the parts -- the order transformers' `generate_merges` gives."""
     score_of = dict(zip(tokens, np.asarray(scores, dtype=np.float64).tolist()))
+    # only cuts whose both sides have the length of some token can split it into two tokens: looping over
+    # those lengths keeps a long token linear (every cut of a 1 MiB token would copy 10^12 characters)
+    lengths = sorted({len(t) for t in vocab})
+    length_set = set(lengths)
     merges = []
     for token, score in score_of.items():
         local = []
-        for cut in range(1, len(token)):
+        n = len(token)
+        for cut in lengths:
+            if cut >= n:
+                break
+            if n - cut not in length_set:
+                continue
             left, right = token[:cut], token[cut:]
             if left in vocab and right in vocab:
                 local.append((vocab[left], vocab[right], left, right))
@@ -200,8 +241,7 @@ def spm_merges(tokens: list[str], scores, vocab: dict[str, int]) -> list[tuple[s
 
 
 def _sentencepiece(v: _Vocab):
-    from tokenizers import Tokenizer, decoders, normalizers, pre_tokenizers
-    from tokenizers.models import BPE
+    from tokenizers import decoders, normalizers, pre_tokenizers
 
     tokens = v.tokens
     if v.arch in ("gemma", "gemma2", "gemma3"):
@@ -216,8 +256,10 @@ def _sentencepiece(v: _Vocab):
         scores = v.scores
     vocab = {tok: i for i, tok in enumerate(tokens)}
     merges = [_split_merge(m) for m in v.merges] if v.merges else spm_merges(tokens, scores, vocab)
+    if v.merges:
+        _check_merges(merges, vocab, v.file)
     unk = tokens[v.ids["unk"]] if "unk" in v.ids else None
-    tk = Tokenizer(BPE(vocab=vocab, merges=merges, unk_token=unk, fuse_unk=True, byte_fallback=True, dropout=None))
+    tk = _bpe(v.file, vocab=vocab, merges=merges, unk_token=unk, fuse_unk=True, byte_fallback=True, dropout=None)
     steps = [decoders.Replace("\u2581", " "), decoders.ByteFallback(), decoders.Fuse()]
     if v.arch in ("gemma", "gemma2", "gemma3"):
         # as transformers' GemmaTokenizer (Gemma files say add_space_prefix = false)

@@ -1,6 +1,7 @@
 """inspect and plan: what a checkpoint holds and where it would go, without loading weights."""
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 
 from .sources import open_source
@@ -133,7 +134,9 @@ def plan_checkpoint(path: str, *, quantize, dtype, device_map, max_memory, offlo
             spec = checkpoint_spec(path, config) or resolve_quantize(quantize)
             cd = getattr(config, "dtype", None)
             dtype = dtype or (parse_dtype(cd) if isinstance(cd, (str, torch.dtype)) else torch.float32)
-            model = build_skeleton(config, dtype, trust_remote_code=trust_remote_code)
+            cfg_file = os.path.join(path if os.path.isdir(path) else os.path.dirname(os.path.abspath(path)),
+                                    "config.json")   # the config is checked against the checkpoint first
+            model = build_skeleton(config, dtype, trust_remote_code=trust_remote_code, source=source, file=cfg_file)
             by_module = index_by_module(source.keys())
             pre = checkpoint_spec(path, config) is not None
 

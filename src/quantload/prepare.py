@@ -74,6 +74,9 @@ def model_class_for(config, *, causal_preferred: bool = True, file: str | None =
         if not (isinstance(cls, type) and issubclass(cls, transformers.PreTrainedModel)):
             raise ConfigError(f"architectures names {arch!r}, which is not a transformers model class; expected "
                               "e.g. 'LlamaForCausalLM'", file=file, key="architectures")
+        if cls.__name__.endswith("PreTrainedModel"):   # the shared base of a family: no layers of its own
+            raise ConfigError(f"architectures names {arch!r}, an abstract base class with no layers; expected a "
+                              "concrete model class such as 'LlamaForCausalLM'", file=file, key="architectures")
         return cls
     from transformers import AutoModel, AutoModelForCausalLM
     if causal_preferred:
@@ -165,7 +168,8 @@ def check_config(config, source, *, file: str | None = None) -> None:
         if stacks and not any(ids == set(range(n)) for ids in stacks.values()):
             name, ids = max(stacks.items(), key=lambda kv: len(kv[1]))
             have = len(ids)
-            holes = sorted(set(range(max(ids) + 1)) - ids)[:5]
+            top = max(ids) + 1
+            holes = [i for i in range(min(top, have + 5)) if i not in ids][:5] if top != have else []
             found = f"layers {sorted(ids)[:3]}... with {holes} missing" if holes else f"{have} layers (0-{have - 1})"
             raise ConfigError(f"num_hidden_layers={n}, but the checkpoint holds {found} under '{name}'; "
                               f"expected num_hidden_layers={have if not holes else 'a complete stack'}",

@@ -49,12 +49,13 @@ def block_count_from(meta: Metadata, shapes: dict) -> int:
         if m:
             present.add(int(m.group(1)))
     have = max(present) + 1 if present else 0
-    if n != have or len(present) != have:
-        holes = sorted(set(range(have)) - present)[:5]
-        found = (f"tensors for blocks 0..{have - 1} with {holes} missing" if holes else
-                 f"tensors for {have} blocks (blk.0..blk.{have - 1})" if have else "no blk.* tensors")
-        raise FileFormatError(f"block_count is {n}, but the file holds {found}; expected block_count={have}"
-                              if not holes else f"block_count is {n}, but the file holds {found}",
+    if len(present) != have:   # a gap (or a stray huge index): the first missing blocks, without a range()
+        holes = [i for i in range(min(have, len(present) + 5)) if i not in present][:5]
+        raise FileFormatError(f"block_count is {n}, but the file's blk.* tensors stop at blk.{have - 1} with blocks "
+                              f"{holes} missing; expected blk.0..blk.{n - 1} each present", file=meta.file, key=key)
+    if n != have:
+        found = f"tensors for {have} blocks (blk.0..blk.{have - 1})" if have else "no blk.* tensors"
+        raise FileFormatError(f"block_count is {n}, but the file holds {found}; expected block_count={have}",
                               file=meta.file, key=key)
     if n < 1:
         raise FileFormatError("expected at least one block, found 0 (and no blk.* tensors)", file=meta.file, key=key)

@@ -198,15 +198,64 @@ def normalize_gptq_config(d: dict) -> dict:
     out["checkpoint_format"] = fmt
     if str(out.get("pack_dtype", "int32")).removeprefix("torch.") != "int32":
         raise UnsupportedError(f"GPTQ pack_dtype {out['pack_dtype']!r} is not supported; only int32")
-    try:
-        out["bits"] = int(out["bits"])
-        out["group_size"] = int(out.get("group_size", 128))
-    except (TypeError, ValueError) as e:
-        raise ConfigError(f"GPTQ bits/group_size must be integers: {e}") from e
+    out["bits"] = _as_int(out["bits"], "bits")
+    out["group_size"] = _as_int(out.get("group_size", 128), "group_size")
     if out["bits"] not in SUPPORTED_BITS:
         raise UnsupportedError(f"GPTQ bits={out['bits']} is not supported; supported: {list(SUPPORTED_BITS)}")
+    if not (out["group_size"] == -1 or out["group_size"] > 0):
+        raise ConfigError(f"GPTQ group_size={out['group_size']}; expected -1 or a positive integer")
     out["desc_act"] = bool(out.get("desc_act", False))
     out["sym"] = bool(out.get("sym", True))
+    return out
+
+
+def _as_int(v, name: str, where: str = "") -> int:
+    """An integer as GPTQ configs write it (4, "4", 128.0); anything else (0.5, "x", true) is refused with
+    the value as written, never truncated."""
+    if isinstance(v, bool):
+        ok = False
+    elif isinstance(v, int):
+        return v
+    elif isinstance(v, float):
+        ok = v.is_integer()
+    elif isinstance(v, str):
+        ok = v.strip().lstrip("-").isdigit()
+    else:
+        ok = False
+    if not ok:
+        raise ConfigError(f"GPTQ {name}={v!r}{where}; expected an integer")
+    return int(float(v)) if isinstance(v, float) else int(v)
+
+
+def _check_dynamic(dynamic: dict, base_args: dict) -> list[tuple[str, re.Pattern, dict | bool]]:
+    """GPTQModel `dynamic`: every pattern compiled and every override validated when the config is read
+    (not at the first module it would match): [(pattern, compiled, overrides or False for '-:')]."""
+    out = []
+    for pattern, over in dynamic.items():
+        where = f" in dynamic[{pattern!r}]"
+        if not isinstance(pattern, str):
+            raise ConfigError(f"GPTQ dynamic key {pattern!r}; expected a regex string")
+        negative = pattern.startswith("-:")
+        try:
+            compiled = re.compile(pattern[2:] if negative else pattern.removeprefix("+:"))
+        except re.error as e:
+            raise ConfigError(f"GPTQ dynamic pattern {pattern!r} is not a valid regex ({e})") from None
+        if negative:
+            out.append((pattern, compiled, False))
+            continue
+        if over is not None and not isinstance(over, dict):
+            raise ConfigError(f"GPTQ dynamic[{pattern!r}]={over!r}; expected a dict of overrides")
+        over = dict(over or {})
+        for k in ("bits", "group_size"):
+            if k in over:
+                over[k] = _as_int(over[k], k, where)
+        args = {**base_args, **{k: v for k, v in over.items() if k in base_args}}
+        if args["bits"] not in SUPPORTED_BITS:
+            raise UnsupportedError(f"GPTQ bits={args['bits']}{where} is not supported; supported: "
+                                   f"{list(SUPPORTED_BITS)}")
+        if not (args["group_size"] == -1 or args["group_size"] > 0):
+            raise ConfigError(f"GPTQ group_size={args['group_size']}{where}; expected -1 or a positive integer")
+        out.append((pattern, compiled, over))
     return out
 
 
@@ -226,6 +275,7 @@ class GPTQSpec(QuantSpec):
         self.dynamic = cfg.get("dynamic") or {}
         if not isinstance(self.dynamic, dict):
             raise ConfigError(f"GPTQ 'dynamic' must be a dict of regex -> overrides, got {type(self.dynamic).__name__}")
+        self._dynamic = _check_dynamic(self.dynamic, self.base_args)
         self._cache: dict[tuple, GPTQScheme] = {}
 
     @staticmethod
@@ -249,12 +299,9 @@ class GPTQSpec(QuantSpec):
 
     def _dynamic_match(self, name: str):
         """GPTQModel's rule: the first matching pattern wins; '-:' means not quantized."""
-        for pattern, over in self.dynamic.items():
-            if pattern.startswith("-:"):
-                if re.match(pattern[2:], name):
-                    return False
-            elif re.match(pattern.removeprefix("+:"), name):
-                return over if isinstance(over, dict) else {}
+        for _, compiled, over in self._dynamic:
+            if compiled.match(name):
+                return over
         return None
 
     def to_dict(self):

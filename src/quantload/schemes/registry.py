@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from typing import Callable
 
-from ..errors import ConfigError, UnsupportedError
+from ..errors import ConfigError, QuantloadError, UnsupportedError
 
 _PARSERS: dict[str, Callable[[dict], "object"]] = {}
 
@@ -23,17 +23,28 @@ def spec_from_dict(d: dict, *, file: str | None = None):
     """Parse a transformers-style quantization_config dict (from config.json, quantize_config.json,
     or BitsAndBytesConfig(...).to_dict()) into a QuantSpec."""
     if not isinstance(d, dict):
-        raise ConfigError(f"quantization_config must be a dict, got {type(d).__name__}", file=file)
+        raise ConfigError(f"quantization_config must be a dict, got {type(d).__name__}", file=file,
+                          key="quantization_config")
     method = d.get("quant_method")
     if method is None and ("load_in_4bit" in d or "load_in_8bit" in d):
         method = "bitsandbytes"
     if method is None:
-        raise ConfigError(f"quantization_config has no 'quant_method' (keys: {sorted(d)})", file=file)
+        raise ConfigError(f"quantization_config has no 'quant_method' (keys: {sorted(d)})", file=file,
+                          key="quantization_config.quant_method")
     method = str(getattr(method, "value", method)).lower()  # transformers passes a QuantizationMethod enum
     if method not in _PARSERS:
         raise UnsupportedError(
-            f"quant_method {method!r} is not supported; supported: {sorted(_PARSERS)}", file=file)
-    return _PARSERS[method](d)
+            f"quant_method {method!r} is not supported; supported: {sorted(_PARSERS)}", file=file,
+            key="quantization_config.quant_method")
+    try:
+        return _PARSERS[method](d)
+    except QuantloadError as e:
+        if e.file is not None or file is None:
+            raise
+        # the parsers check values, not files: the error names the file the dict came from
+        raise type(e)(e.detail, file=file, key=e.key or "quantization_config") from None
+    except RecursionError:
+        raise ConfigError("quantization_config is nested too deeply", file=file, key="quantization_config") from None
 
 
 def known_methods() -> list[str]:
