@@ -4,6 +4,7 @@ Scheme families register themselves here (see schemes/__init__.py, which imports
 """
 from __future__ import annotations
 
+import re
 from typing import Callable
 
 from ..errors import ConfigError, UnsupportedError
@@ -33,7 +34,18 @@ def spec_from_dict(d: dict, *, file: str | None = None):
     if method not in _PARSERS:
         raise UnsupportedError(
             f"quant_method {method!r} is not supported; supported: {sorted(_PARSERS)}", file=file)
-    return _PARSERS[method](d)
+    try:
+        spec = _PARSERS[method](d)
+        for name in _PROBE_MODULES:   # patterns are matched lazily: a bad one must fail here, not mid-load
+            spec.scheme_for(name, None)
+    except (TypeError, ValueError, AttributeError, KeyError, IndexError, re.error) as e:
+        # a value of the wrong type deep in the dict (a list where a string goes, "x" for an int...)
+        raise ConfigError(f"malformed {method} quantization_config: {type(e).__name__}: {str(e)[:200]}",
+                          file=file) from None
+    return spec
+
+
+_PROBE_MODULES = ("model.layers.0.self_attn.q_proj", "model.layers.0.mlp.down_proj", "lm_head")
 
 
 def known_methods() -> list[str]:
