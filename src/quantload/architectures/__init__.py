@@ -13,7 +13,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping
 from typing import Any, NamedTuple
 
-from ..errors import FileFormatError, MissingTensorError, ShapeMismatchError, UnsupportedError
+from ..errors import FileFormatError, MissingTensorError, QuantloadError, ShapeMismatchError, UnsupportedError
 from .base import (Family, GGUFModelMap, Metadata, ParamRef, ReadTensor, UnsupportedArchitecture,
                    tensor_shapes)
 from .decoder import eos_token_ids
@@ -63,7 +63,13 @@ def gguf_to_hf(fields: Mapping[str, Any], tensors: Mapping[str, Any], *, file=No
     family = _family_for_gguf(arch, file)
     shapes = tensor_shapes(tensors)
     meta = Metadata(fields, arch, file)
-    config, consumed = family.config_from_gguf(meta, shapes, read_tensor)
+    try:
+        config, consumed = family.config_from_gguf(meta, shapes, read_tensor)
+    except QuantloadError:
+        raise
+    except Exception as e:  # metadata transformers' config refuses (a validator, a head_dim of 0, ...)
+        raise FileFormatError(f"the {arch} metadata does not make a valid config: {type(e).__name__}: "
+                              f"{str(e)[:300]}", file=file, key=f"{arch}.*") from None
     params: dict[str, ParamRef] = {}
     for rule in family.rules(config):
         found = shapes.get(rule.gguf)
