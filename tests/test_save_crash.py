@@ -290,3 +290,22 @@ def test_symlinked_target_stays_a_link(tmp_path):
     save(NEW, tmp_path / "link", SHARDED3)
     assert os.path.islink(tmp_path / "link")
     assert outcome(str(tmp_path / "real"), str(tmp_path / "link")) == "new"
+
+
+def test_tokenizer_and_user_folders_switch_with_the_checkpoint(tmp_path):
+    """The tokenizer's files are part of the staged checkpoint (returned under the target), and what the
+    user keeps in the folder, subfolders included, is carried over into the new one."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    tok = Tokenizer(models.WordLevel({"a": 0, "b": 1, "<unk>": 2}, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    fast = transformers.PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>")
+    out = tmp_path / "m"
+    save(OLD, out, SHARDED3)
+    (out / "notes").mkdir()
+    (out / "notes" / "a.txt").write_text("kept")
+    written = quantload.save(NEW, out, tokenizer=fast)
+    assert all(p.startswith(str(out) + os.sep) and os.path.exists(p) for p in written), written
+    assert any(p.endswith("tokenizer.json") for p in written)
+    assert (out / "notes" / "a.txt").read_text() == "kept"
+    assert quantload.load_tokenizer(out)("a b")["input_ids"] == [0, 1]
+    assert outcome(str(out), str(out)) == "new" and hidden_entries(str(out)) == []

@@ -70,7 +70,7 @@ def _pid_alive(pid: int) -> bool:
 def _leftover(name: str, base: str | None) -> bool:
     """A temporary of an interrupted save (ours: its process is gone; or the old `.tmp-*` names)."""
     if name.startswith(".tmp-") and name.endswith((".safetensors", ".json", ".gguf")):
-        return True       # mkstemp names of quantload before 0.2; their process is unknown
+        return True       # the mkstemp names of earlier quantload saves; their process is unknown
     if not name.startswith(".") or TMP_TAG not in name:
         return False
     owner, _, rest = name.rpartition(TMP_TAG)
