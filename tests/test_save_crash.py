@@ -309,3 +309,12 @@ def test_tokenizer_and_user_folders_switch_with_the_checkpoint(tmp_path):
     assert (out / "notes" / "a.txt").read_text() == "kept"
     assert quantload.load_tokenizer(out)("a b")["input_ids"] == [0, 1]
     assert outcome(str(out), str(out)) == "new" and hidden_entries(str(out)) == []
+
+
+def test_saving_the_working_directory_keeps_it_usable(tmp_path, monkeypatch):
+    save(OLD, tmp_path / "m", SINGLE)
+    monkeypatch.chdir(tmp_path / "m")
+    save(NEW, ".", SHARDED3)
+    assert os.path.samefile(os.getcwd(), tmp_path / "m")
+    assert "model.safetensors.index.json" in os.listdir(".")   # the new folder, not the deleted old one
+    assert outcome(str(tmp_path / "m"), ".") == "new"
