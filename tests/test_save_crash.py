@@ -168,7 +168,11 @@ def exercise(tmp_path, old_shard, new_shard, gguf=False, patch=None, extra_outco
     assert steps[0] == "staged" and "before-switch" in steps and "switched" in steps
     results = {}
     switched_at = steps.index("switched")
+    tensor_steps = [i for i, n in enumerate(steps) if n.startswith("wrote blk.")]   # GGUF: one per tensor
+    skipped = set(tensor_steps[1:-1]) - set(tensor_steps[::5])                     # every 5th, first, last
     for i, name in enumerate(steps):
+        if i in skipped:
+            continue
         setup()
         sig = kill_at(name, new_save, patch)
         assert sig == signal.SIGKILL, f"no kill at {name!r}"
@@ -191,6 +195,7 @@ def exercise(tmp_path, old_shard, new_shard, gguf=False, patch=None, extra_outco
         assert sig == signal.SIGXFSZ, f"no kill after {k} bytes"
         results[f"{k} bytes"] = got = outcome(out, load_from)
         assert got == ("old" if old_shard is not None else "absent")
+    print(f"kill points ({len(results)}):", ", ".join(f"{k} -> {v}" for k, v in results.items()))
     save(NEW, out, new_shard)      # what a complete save over the last kill leaves
     assert outcome(out, load_from) == "new" and hidden_entries(out) == []
     return results
@@ -230,7 +235,7 @@ def test_new_directory(tmp_path):
 
 def test_gguf(tmp_path):
     r = exercise(tmp_path, SINGLE, SINGLE, gguf=True)
-    assert sum(k.startswith("wrote ") for k in r) > 10
+    assert sum(k.startswith("wrote ") for k in r) >= 6
 
 
 def _no_exchange():
