@@ -58,3 +58,7 @@ class WriteError(QuantloadError):
 
 class PlacementError(QuantloadError):
     """A device map or memory budget cannot be satisfied."""
+
+
+class UnexpectedTensorError(QuantloadError):
+    """The checkpoint holds tensors the model it declares does not use (load(..., strict=False) drops them)."""

@@ -181,6 +181,8 @@ def _check_coverage(path: str, infos: dict[str, TensorInfo], data_start: int, da
 
 def read_index(path: str) -> dict[str, str]:
     """{tensor name: shard path} from a *.index.json, every shard checked to exist."""
+    from . import require_regular_file
+    require_regular_file(path)
     try:
         with open(path, "rb") as f:
             # read(n) allocates n bytes up front: ask for no more than the file holds
