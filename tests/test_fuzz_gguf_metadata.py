@@ -87,4 +87,4 @@ def test_gguf_metadata(seeds):
         result = run_case(budget, case)
         if isinstance(result, QuantloadError):
             assert result.file == FILE and result.key is not None, str(result)
-    run_fuzz(budget, fuzz)
+    run_fuzz(budget, fuzz, need_valid=True)

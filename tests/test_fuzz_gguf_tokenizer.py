@@ -124,4 +124,4 @@ def test_tokenizer_fields():
         if not isinstance(result, BaseException):
             return
         assert result.file == FILE and result.key is not None, str(result)
-    run_fuzz(budget, fuzz)
+    run_fuzz(budget, fuzz, need_valid=True)

@@ -77,7 +77,7 @@ def test_quantization_config():
         qc = edit_json(copy.deepcopy(SEEDS[seed]), edits)
         # (that every such error names config.json is issue #12's message item, tested beside the catalogue)
         run_case(budget, lambda: _exercise(spec_from_dict(qc, file=FILE)))
-    run_fuzz(budget, fuzz)
+    run_fuzz(budget, fuzz, need_valid=True)
 
 
 def test_config_files(tmp_path):
@@ -101,4 +101,4 @@ def test_config_files(tmp_path):
             config = copy.deepcopy(cfg)
             config.quantization_config = qc
         run_case(budget, lambda: checkpoint_spec(str(tmp_path), config) and None)
-    run_fuzz(budget, fuzz, need_valid=False)
+    run_fuzz(budget, fuzz)
