@@ -128,4 +128,4 @@ def test_index(sharded):
         result = run_case(budget, case)
         if isinstance(result, QuantloadError):
             assert result.file is not None and result.file.startswith(str(d)), str(result)
-    run_fuzz(budget, fuzz)
+    run_fuzz(budget, fuzz, need_valid=True)

@@ -22,10 +22,16 @@ def module_matches(name: str, patterns) -> bool:
         return False
     dotted = "." + name + "."
     for p in patterns:
+        if not isinstance(p, str):
+            raise ConfigError(f"module pattern {p!r} is not a string", key="modules_to_not_convert")
         if p.startswith("re:"):
             import re
-            if re.match(p[3:], name):
-                return True
+            try:
+                if re.match(p[3:], name):
+                    return True
+            except re.error as e:
+                raise ConfigError(f"module pattern {p!r} is not a valid regular expression: {e}",
+                                  key="modules_to_not_convert") from None
             continue
         if name == p or ("." + p + ".") in dotted:
             return True

@@ -25,7 +25,7 @@ from typing import Any
 
 import numpy as np
 
-from .errors import FileFormatError, UnsupportedError
+from .errors import FileFormatError, QuantloadError, UnsupportedError
 from .sources.gguf_strings import StringArray
 
 NORMAL, UNKNOWN, CONTROL, USER_DEFINED, UNUSED, BYTE = 1, 2, 3, 4, 5, 6
@@ -298,7 +298,13 @@ def gguf_tokenizer(fields: Mapping[str, Any], file=None):
     if builder is None:
         raise UnsupportedError(f"tokenizer model {v.model!r} is not supported (supported: {', '.join(_BUILDERS)})",
                                file=file, key="tokenizer.ggml.model")
-    tk, vocab = builder(v)
+    try:
+        tk, vocab = builder(v)
+    except QuantloadError:
+        raise
+    except Exception as e:  # tokenizers raises a bare Exception, e.g. for a merge naming an absent token
+        raise FileFormatError(f"the tokens and merges do not make a BPE model: {str(e)[:200]}", file=file,
+                              key="tokenizer.ggml.merges") from None
 
     byte_level = v.model == "gpt2"
     # A control token spelled outside the byte alphabet in a byte-level vocabulary is a llama.cpp mislabel

@@ -4,6 +4,7 @@ Scheme families register themselves here (see schemes/__init__.py, which imports
 """
 from __future__ import annotations
 
+import re
 from typing import Callable
 
 from ..errors import ConfigError, QuantloadError, UnsupportedError
@@ -37,7 +38,9 @@ def spec_from_dict(d: dict, *, file: str | None = None):
             f"quant_method {method!r} is not supported; supported: {sorted(_PARSERS)}", file=file,
             key="quantization_config.quant_method")
     try:
-        return _PARSERS[method](d)
+        spec = _PARSERS[method](d)
+        for name in _PROBE_MODULES:   # patterns are matched lazily: a bad one must fail here, not mid-load
+            spec.scheme_for(name, None)
     except QuantloadError as e:
         if e.file is not None or file is None:
             raise
@@ -45,6 +48,14 @@ def spec_from_dict(d: dict, *, file: str | None = None):
         raise type(e)(e.detail, file=file, key=e.key or "quantization_config") from None
     except RecursionError:
         raise ConfigError("quantization_config is nested too deeply", file=file, key="quantization_config") from None
+    except (TypeError, ValueError, AttributeError, KeyError, IndexError, re.error) as e:
+        # a value of the wrong type deep in the dict (a list where a string goes, "x" for an int...)
+        raise ConfigError(f"malformed {method} quantization_config: {type(e).__name__}: {str(e)[:200]}",
+                          file=file, key="quantization_config") from None
+    return spec
+
+
+_PROBE_MODULES = ("model.layers.0.self_attn.q_proj", "model.layers.0.mlp.down_proj", "lm_head")
 
 
 def known_methods() -> list[str]:

@@ -70,7 +70,7 @@ def _pid_alive(pid: int) -> bool:
 def _leftover(name: str, base: str | None) -> bool:
     """A temporary of an interrupted save (ours: its process is gone; or the old `.tmp-*` names)."""
     if name.startswith(".tmp-") and name.endswith((".safetensors", ".json", ".gguf")):
-        return True       # mkstemp names of quantload before 0.2; their process is unknown
+        return True       # the mkstemp names of earlier quantload saves; their process is unknown
     if not name.startswith(".") or TMP_TAG not in name:
         return False
     owner, _, rest = name.rpartition(TMP_TAG)
@@ -290,7 +290,22 @@ class StagedDirectory:
             return
         _carry_over(self.out, self.path)
         fsync_dir(self.path)
+        try:   # a process working inside the old folder would be left in a deleted one: follow the switch
+            cwd = os.getcwd()
+        except OSError:
+            cwd = None
+        real = os.path.realpath(self.out)
+        follow = cwd is not None and (cwd == real or cwd.startswith(real + os.sep))
         step("before-switch")
+        try:
+            self._swap()
+        finally:
+            if follow:
+                with contextlib.suppress(OSError):
+                    os.chdir(cwd if os.path.isdir(cwd) else self.out)
+        step("cleaned")
+
+    def _swap(self) -> None:
         if _exchange(self.path, self.out):
             fsync_dir(self.parent)
             step("switched")               # self.path now holds the old checkpoint
@@ -307,7 +322,6 @@ class StagedDirectory:
             fsync_dir(self.parent)
             step("switched")
             _remove(aside)
-        step("cleaned")
 
     def _move_in_place(self) -> None:
         warnings.warn(f"{self.out}: no folder could be made beside it (read-only parent or a mount point), "
