@@ -281,3 +281,23 @@ def test_release_configs_and_the_fp8_short_name_on_128_blocks():
     enc = scheme.quantize(w).encode()
     assert torch.equal(enc["weight"].view(torch.uint8), q.view(torch.uint8)) and torch.equal(enc["weight_scale_inv"], s)
     assert resolve_quantize("fp8-ue8m0").scheme_for("m", torch.nn.Linear(256, 384)).scale_fmt == "ue8m0"
+
+
+def test_compressed_tensors_fp8_block_tiny_llama_matches_transformers(tmp_path):
+    """The compressed-tensors spelling of block FP8 (float-quantized, strategy block: llm-compressor's
+    FP8_BLOCK), quantized while loading, saved, and read back by transformers on CPU."""
+    float_dir, _ = _tiny_float(tmp_path)
+    cfg = {"quant_method": "compressed-tensors", "format": "float-quantized", "quantization_status": "compressed",
+           "config_groups": {"group_0": {"targets": ["Linear"], "weights": {
+               "num_bits": 8, "type": "float", "symmetric": True, "strategy": "block", "block_structure": [32, 32],
+               "dynamic": False}}}, "ignore": ["lm_head"]}
+    ours = quantload.load(float_dir, quantize=cfg, dtype="bfloat16", progress=False)
+    assert ours.model.layers[0].mlp.up_proj.scheme.name == "ct-float-float8-block32x32-sym"
+    quantload.save(ours, tmp_path / "ct")
+    ref = LlamaForCausalLM.from_pretrained(tmp_path / "ct", dtype=torch.bfloat16)
+    again = quantload.load(tmp_path / "ct", progress=False)
+    ids = torch.tensor([[1, 5, 9, 33, 70, 2]])
+    with torch.inference_mode():
+        assert torch.equal(again(ids).logits, ref(ids).logits)
+        assert torch.equal(ours(ids).logits, ref(ids).logits)
+    assert _greedy(again) == _greedy(ref)
