@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import resource
 import sys
+import threading
 from dataclasses import dataclass, field
 
 import torch
@@ -41,6 +42,7 @@ class LoadReport:
     seconds: dict[str, float] = field(default_factory=dict)      # open / prepare / load / finalize
     peak_rss: int = 0                                             # process peak RSS after the load
     rss_before: int = 0
+    peak_above_start: int | None = None                           # this load's peak RSS minus rss_before
     peak_cuda: dict[str, int] = field(default_factory=dict)
     model_bytes: int = 0                                          # bytes held by weights (all devices)
     quantized_modules: dict[str, int] = field(default_factory=dict)   # scheme name -> count
@@ -59,7 +61,13 @@ class LoadReport:
         q = ", ".join(f"{n} x{c}" for n, c in sorted(self.quantized_modules.items())) or "none"
         return (f"loaded {self.tensors_read} tensors ({self.bytes_read / 2**20:.1f} MiB read) in "
                 f"{self.total_seconds:.2f}s; weights {self.model_bytes / 2**20:.1f} MiB; "
-                f"peak RSS {self.peak_rss / 2**20:.0f} MiB; quantized: {q}")
+                f"{self._peak_text()}; quantized: {q}")
+
+    def _peak_text(self) -> str:
+        if self.peak_above_start is None:
+            return f"peak RSS {self.peak_rss / 2**20:.0f} MiB"
+        return (f"peak RSS +{self.peak_above_start / 2**20:.0f} MiB above the {self.rss_before / 2**20:.0f} MiB "
+                "at start")
 
     def __str__(self) -> str:
         lines = [self.summary()]
@@ -78,3 +86,80 @@ def cuda_peaks() -> dict[str, int]:
     if not torch.cuda.is_available():
         return {}
     return {f"cuda:{i}": torch.cuda.max_memory_allocated(i) for i in range(torch.cuda.device_count())}
+
+
+class RssWatch:
+    """This load's peak resident memory above the RSS it started at. The kernel's high-water mark (VmHWM)
+    is the whole process's: when the load pushes it higher it is exact; when an earlier, bigger job had set
+    it, a sampler thread (every 10 ms, started only then) measures the load's own peak instead."""
+
+    INTERVAL = 0.01
+
+    def __init__(self):
+        self.start_rss = current_rss_bytes()
+        self.hwm_before = peak_rss_bytes()
+        self._peak = self.start_rss
+        self._done = threading.Event()
+        self._thread = None
+        if self.hwm_before - self.start_rss > 1 << 20:
+            self._thread = threading.Thread(target=self._sample, name="quantload-rss", daemon=True)
+            self._thread.start()
+
+    def _sample(self) -> None:
+        while not self._done.wait(self.INTERVAL):
+            self._peak = max(self._peak, current_rss_bytes())
+
+    def stop(self) -> int:
+        self._done.set()
+        if self._thread is not None:
+            self._thread.join()
+        hwm = peak_rss_bytes()
+        peak = hwm if hwm > self.hwm_before or self._thread is None else max(self._peak, current_rss_bytes())
+        return max(0, peak - self.start_rss)
+
+
+class LoadProgress:
+    """One progress bar over a whole load: opening, reading the config (transformers' import), building the
+    model, the tensors (the engine's per-tensor steps) and the final checks. Like tqdm's `delay`, it shows
+    only for loads that last over a second, from their start."""
+
+    def __init__(self, enabled: bool = True, delay: float = 1.0):
+        self.stages: list[str] = []
+        self.bar = None
+        if enabled:
+            from tqdm.auto import tqdm
+            self.bar = tqdm(total=6, desc="loading", unit="step", delay=delay, leave=False)
+
+    def stage(self, name: str) -> None:
+        self.stages.append(name)
+        if self.bar is not None:
+            self.bar.set_description(f"loading: {name}", refresh=False)
+            self.bar.update(1)
+
+    def engine_progress(self):
+        """What the engine's `progress=` takes: called with its number of steps, returns their bar."""
+        if self.bar is None:
+            return None
+
+        def start(total: int):
+            self.stage("tensors")
+            self.bar.total = self.bar.n + total + 2
+            self.bar.refresh()
+            return _Steps(self.bar)
+        return start
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None
+
+
+class _Steps:
+    def __init__(self, bar):
+        self.bar = bar
+
+    def update(self, n: int = 1) -> None:
+        self.bar.update(n)
+
+    def close(self) -> None:
+        pass  # the whole load's bar closes at its end
