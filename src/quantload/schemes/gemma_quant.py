@@ -170,6 +170,8 @@ class GemmaEmbeddingScheme(_GemmaInts):
 
 class GemmaSpec(QuantSpec):
     method = "gemma"
+    #: KV-cache scales for other tools; transformers leaves them unread too (_keys_to_ignore_on_load_unexpected)
+    ignorable_keys = (".k_cache_scale", ".v_cache_scale")
 
     def __init__(self, cfg: dict, *, file=None):
         cfg = dict(cfg)
