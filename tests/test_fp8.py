@@ -301,3 +301,15 @@ def test_compressed_tensors_fp8_block_tiny_llama_matches_transformers(tmp_path):
         assert torch.equal(again(ids).logits, ref(ids).logits)
         assert torch.equal(ours(ids).logits, ref(ids).logits)
     assert _greedy(again) == _greedy(ref)
+
+
+def test_modules_to_not_convert_follow_transformers_rule():
+    """transformers' should_convert_module: a regex from the start up to a module boundary, or a suffix."""
+    from transformers.quantizers.quantizers_utils import should_convert_module
+    patterns = ["model.layers.*.mlp.gate", "lm_head", "model.layers.1", "self_attn.o_proj"]
+    for method in ("fp8", "fbgemm_fp8", "bitnet"):
+        spec = spec_from_dict({"quant_method": method, "modules_to_not_convert": patterns, "weight_block_size": None})
+        for name in ("model.layers.3.mlp.gate", "model.layers.3.mlp.gate_proj", "model.layers.1.mlp.up_proj",
+                     "model.layers.11.mlp.up_proj", "model.layers.2.self_attn.o_proj", "lm_head"):
+            lin = torch.nn.Linear(128, 128)
+            assert (spec.scheme_for(name, lin) is not None) == should_convert_module(name, patterns), (method, name)
