@@ -149,11 +149,11 @@ def test_tiny_llama_matches_transformers_and_round_trips(tmp_path):
 
 
 def test_tiny_gemma3_with_scaled_quantized_embeddings(tmp_path):
-    """Gemma3 (its embedding scaled by sqrt(hidden)): hidden 64 makes the scale 8, exact in bfloat16, where
-    transformers' QuantizedEmbedding (a Python float) and QEmbedding (the module's bfloat16 embed_scale)
-    agree; docs/formats-2025.md notes the rounding they differ by otherwise."""
+    """Gemma3, whose embedding is scaled by sqrt(hidden): hidden 48 makes it 6.928..., not a bfloat16 number,
+    and transformers' QuantizedEmbedding multiplies by it as a Python float (the dense embedding would
+    round it to bfloat16 first): the scheme scales as the quantized layer does."""
     from transformers import Gemma3ForCausalLM, Gemma3TextConfig
-    cfg = Gemma3TextConfig(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+    cfg = Gemma3TextConfig(vocab_size=128, hidden_size=48, intermediate_size=128, num_hidden_layers=2,
                            num_attention_heads=4, num_key_value_heads=2, head_dim=16, sliding_window=8,
                            max_position_embeddings=64, tie_word_embeddings=False)
     torch.manual_seed(0)
@@ -184,6 +184,7 @@ def test_tiny_gemma3_with_scaled_quantized_embeddings(tmp_path):
     ours = quantload.load(d, progress=False)
     ids = torch.tensor([[1, 5, 9, 33, 70, 2]])
     with torch.inference_mode():
+        assert torch.equal(ours.model.embed_tokens(ids), ref.model.embed_tokens(ids))
         assert torch.equal(ours(ids).logits, ref(ids).logits)
     assert torch.equal(ours.generate(ids, max_new_tokens=5, do_sample=False),
                        ref.generate(ids, max_new_tokens=5, do_sample=False))
