@@ -291,11 +291,12 @@ def test_compressed_tensors_fp8_block_tiny_llama_matches_transformers(tmp_path):
            "config_groups": {"group_0": {"targets": ["Linear"], "weights": {
                "num_bits": 8, "type": "float", "symmetric": True, "strategy": "block", "block_structure": [32, 32],
                "dynamic": False}}}, "ignore": ["lm_head"]}
-    ours = quantload.load(float_dir, quantize=cfg, dtype="bfloat16", progress=False)
+    # exact=True: compressed.py's schemes may otherwise take a packed kernel (bfloat16 numerics)
+    ours = quantload.load(float_dir, quantize=cfg, dtype="bfloat16", progress=False, exact=True)
     assert ours.model.layers[0].mlp.up_proj.scheme.name == "ct-float-float8-block32x32-sym"
     quantload.save(ours, tmp_path / "ct")
     ref = LlamaForCausalLM.from_pretrained(tmp_path / "ct", dtype=torch.bfloat16)
-    again = quantload.load(tmp_path / "ct", progress=False)
+    again = quantload.load(tmp_path / "ct", progress=False, exact=True)
     ids = torch.tensor([[1, 5, 9, 33, 70, 2]])
     with torch.inference_mode():
         assert torch.equal(again(ids).logits, ref(ids).logits)
