@@ -281,3 +281,36 @@ def test_release_configs_and_the_fp8_short_name_on_128_blocks():
     enc = scheme.quantize(w).encode()
     assert torch.equal(enc["weight"].view(torch.uint8), q.view(torch.uint8)) and torch.equal(enc["weight_scale_inv"], s)
     assert resolve_quantize("fp8-ue8m0").scheme_for("m", torch.nn.Linear(256, 384)).scale_fmt == "ue8m0"
+
+
+def test_compressed_tensors_fp8_block_tiny_llama_matches_transformers(tmp_path):
+    """The compressed-tensors spelling of block FP8 (float-quantized, strategy block: llm-compressor's
+    FP8_BLOCK), quantized while loading, saved, and read back by transformers on CPU."""
+    float_dir, _ = _tiny_float(tmp_path)
+    cfg = {"quant_method": "compressed-tensors", "format": "float-quantized", "quantization_status": "compressed",
+           "config_groups": {"group_0": {"targets": ["Linear"], "weights": {
+               "num_bits": 8, "type": "float", "symmetric": True, "strategy": "block", "block_structure": [32, 32],
+               "dynamic": False}}}, "ignore": ["lm_head"]}
+    # exact=True: compressed.py's schemes may otherwise take a packed kernel (bfloat16 numerics)
+    ours = quantload.load(float_dir, quantize=cfg, dtype="bfloat16", progress=False, exact=True)
+    assert ours.model.layers[0].mlp.up_proj.scheme.name == "ct-float-float8-block32x32-sym"
+    quantload.save(ours, tmp_path / "ct")
+    ref = LlamaForCausalLM.from_pretrained(tmp_path / "ct", dtype=torch.bfloat16)
+    again = quantload.load(tmp_path / "ct", progress=False, exact=True)
+    ids = torch.tensor([[1, 5, 9, 33, 70, 2]])
+    with torch.inference_mode():
+        assert torch.equal(again(ids).logits, ref(ids).logits)
+        assert torch.equal(ours(ids).logits, ref(ids).logits)
+    assert _greedy(again) == _greedy(ref)
+
+
+def test_modules_to_not_convert_follow_transformers_rule():
+    """transformers' should_convert_module: a regex from the start up to a module boundary, or a suffix."""
+    from transformers.quantizers.quantizers_utils import should_convert_module
+    patterns = ["model.layers.*.mlp.gate", "lm_head", "model.layers.1", "self_attn.o_proj"]
+    for method in ("fp8", "fbgemm_fp8", "bitnet"):
+        spec = spec_from_dict({"quant_method": method, "modules_to_not_convert": patterns, "weight_block_size": None})
+        for name in ("model.layers.3.mlp.gate", "model.layers.3.mlp.gate_proj", "model.layers.1.mlp.up_proj",
+                     "model.layers.11.mlp.up_proj", "model.layers.2.self_attn.o_proj", "lm_head"):
+            lin = torch.nn.Linear(128, 128)
+            assert (spec.scheme_for(name, lin) is not None) == should_convert_module(name, patterns), (method, name)

@@ -146,3 +146,45 @@ def test_tiny_llama_matches_transformers_and_round_trips(tmp_path):
     assert emb.scheme.name == "gemma-embedding-int8" and torch.equal(emb.dequantize(torch.bfloat16),
                                                                      ref.model.embed_tokens.weight)
     assert sd["model.layers.1.mlp.down_proj.weight"].scheme.name == "gemma-int8"
+
+
+def test_tiny_gemma3_with_scaled_quantized_embeddings(tmp_path):
+    """Gemma3, whose embedding is scaled by sqrt(hidden): hidden 48 makes it 6.928..., not a bfloat16 number,
+    and transformers' QuantizedEmbedding multiplies by it as a Python float (the dense embedding would
+    round it to bfloat16 first): the scheme scales as the quantized layer does."""
+    from transformers import Gemma3ForCausalLM, Gemma3TextConfig
+    cfg = Gemma3TextConfig(vocab_size=128, hidden_size=48, intermediate_size=128, num_hidden_layers=2,
+                           num_attention_heads=4, num_key_value_heads=2, head_dim=16, sliding_window=8,
+                           max_position_embeddings=64, tie_word_embeddings=False)
+    torch.manual_seed(0)
+    model = Gemma3ForCausalLM(cfg).to(torch.bfloat16)
+    tensors = {}
+    for k, v in model.state_dict().items():
+        name = k.removesuffix(".weight")
+        if k.endswith("proj.weight"):
+            scale = v.float().abs().amax(1, keepdim=True) / 7
+            tensors[k], tensors[name + ".weight_scale"] = pack_ints(torch.round(v.float() / scale).clamp(-8, 7), 4), scale
+            tensors[name + ".input_activation_scale"] = torch.tensor(0.0)
+            tensors[name + ".output_activation_scale"] = torch.tensor(0.02 if "o_proj" in k else 0.0)
+        elif k == "model.embed_tokens.weight":
+            scale = v.float().abs().amax(1, keepdim=True) / 127
+            tensors[name + ".embedding_quantized"] = pack_ints(torch.round(v.float() / scale).clamp(-128, 127), 8)
+            tensors[name + ".embedding_scale"] = scale
+        else:
+            tensors[k] = v
+    d = tmp_path / "gemma3"
+    d.mkdir()
+    save_file(tensors, d / "model.safetensors", metadata={"format": "pt"})
+    body = json.loads(cfg.to_json_string())
+    body.update(architectures=["Gemma3ForCausalLM"], dtype="bfloat16", quantization_config={
+        "quant_method": "gemma", "num_bits": 4, "quantize_embeddings": True,
+        "module_quant_configs": {"embed_tokens": {"num_bits": 8}}, "modules_to_not_convert": ["lm_head"]})
+    (d / "config.json").write_text(json.dumps(body))
+    ref = Gemma3ForCausalLM.from_pretrained(d, dtype=torch.bfloat16)
+    ours = quantload.load(d, progress=False)
+    ids = torch.tensor([[1, 5, 9, 33, 70, 2]])
+    with torch.inference_mode():
+        assert torch.equal(ours.model.embed_tokens(ids), ref.model.embed_tokens(ids))
+        assert torch.equal(ours(ids).logits, ref(ids).logits)
+    assert torch.equal(ours.generate(ids, max_new_tokens=5, do_sample=False),
+                       ref.generate(ids, max_new_tokens=5, do_sample=False))

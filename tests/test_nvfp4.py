@@ -263,7 +263,9 @@ def test_tiny_llama_modelopt_mixed_precision_fp8_and_nvfp4(tmp_path):
             tensors[k] = v
     qdir = tmp_path / "mixed"
     qdir.mkdir()
-    save_file(tensors, qdir / "model.safetensors", metadata={"format": "pt"})
+    kv = {"model.layers.0.self_attn.k_proj.k_scale": torch.tensor(0.5), "model.layers.0.self_attn.v_proj.v_scale":
+          torch.tensor(0.25)}                                     # FP8 KV cache scales: for TensorRT-LLM, unread
+    save_file({**tensors, **kv}, qdir / "model.safetensors", metadata={"format": "pt"})
     (qdir / "config.json").write_text((float_dir / "config.json").read_text())
     (qdir / "hf_quant_config.json").write_text(json.dumps({"producer": {"name": "modelopt"}, "quantization": {
         "quant_algo": "MIXED_PRECISION", "kv_cache_quant_algo": "FP8", "quantized_layers": layers,

@@ -305,7 +305,9 @@ def _load_checkpoint(source, path, report, t0, *, quantize, dtype, device_map, m
     t2 = time.perf_counter()
     progress.stage("checking the model")
     retie(model, aliases)
-    finalize(model, spec=spec, report=report, weights=weights, file=path, ignorable_unexpected=_IGNORABLE,
+    # a format may store tensors its own tools leave unread (gemma / ModelOpt KV-cache scales)
+    ignorable = _IGNORABLE + tuple(getattr(spec, "ignorable_keys", ()))
+    finalize(model, spec=spec, report=report, weights=weights, file=path, ignorable_unexpected=ignorable,
              offloader=offloader, strict=strict)
     if plan is not None:
         model.device_plan = plan

@@ -100,6 +100,8 @@ class QEmbedding(_QModule):
         scale = getattr(mod, "embed_scale", None)
         if isinstance(scale, torch.Tensor) and scale.is_meta:
             scale = None
+        if getattr(scheme, "applies_embed_scale", False):
+            scale = None  # the scheme scales its rows as its own tool does (gemma_quant: by a Python float)
         return cls(mod.num_embeddings, mod.embedding_dim, scheme, mod.padding_idx, dtype, scale)
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:

@@ -17,11 +17,13 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 from ..config import QuantSpec
 from ..errors import ShapeMismatchError, UnsupportedError
 from .base import QTensor, Scheme
 from .checks import expect_dtype, expect_shape, full_key, need
+from .hf_match import hf_skipped
 from .registry import register_method
 
 PER_BYTE = 4
@@ -133,6 +135,12 @@ class BitNetSpec(QuantSpec):
         if "lm_head" not in skip:
             skip.append("lm_head")
         super().__init__(BitNetScheme(cls), skip_modules=skip, raw=cfg)
+
+    def scheme_for(self, module_name, module):
+        # transformers' modules_to_not_convert rule (a regex from the start, or a suffix)
+        if (module is not None and not isinstance(module, nn.Linear)) or hf_skipped(module_name, self.skip_modules):
+            return None
+        return self.scheme
 
 
 @register_method("bitnet")

@@ -16,11 +16,13 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 from ..config import QuantSpec
 from ..errors import ShapeMismatchError
 from .base import QTensor, Scheme
 from .checks import expect_dtype, expect_shape, full_key, need
+from .hf_match import hf_skipped
 from .registry import register_method
 
 FP8 = torch.float8_e4m3fn
@@ -74,6 +76,12 @@ class FbgemmFP8Spec(QuantSpec):
         if "lm_head" not in skip:
             skip.append("lm_head")
         super().__init__(FbgemmFP8Scheme(), skip_modules=skip, raw=dict(cfg))
+
+    def scheme_for(self, module_name, module):
+        # transformers' modules_to_not_convert rule (a regex from the start, or a suffix)
+        if (module is not None and not isinstance(module, nn.Linear)) or hf_skipped(module_name, self.skip_modules):
+            return None
+        return self.scheme
 
 
 @register_method("fbgemm_fp8")

@@ -16,11 +16,13 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 from ..config import QuantSpec, register_short_name
 from ..errors import ConfigError, ShapeMismatchError, UnsupportedError
 from .base import QTensor, Scheme
 from .checks import expect_dtype, expect_shape, full_key, need
+from .hf_match import hf_skipped
 from .registry import register_method
 
 FP8 = torch.float8_e4m3fn
@@ -225,8 +227,10 @@ class FP8Spec(QuantSpec):
         super().__init__(FP8BlockScheme(block, fmt, act), skip_modules=skip, raw=cfg)
 
     def scheme_for(self, module_name, module):
-        scheme = super().scheme_for(module_name, module)
-        if scheme is not None and module is not None and scheme.block is not None:
+        if (module is not None and not isinstance(module, nn.Linear)) or hf_skipped(module_name, self.skip_modules):
+            return None
+        scheme = self.scheme
+        if module is not None and scheme.block is not None:
             bh, bw = scheme.block
             if module.out_features % bh or module.in_features % bw:
                 return None                               # transformers' Fp8Quantize leaves it in float too

@@ -127,14 +127,18 @@ class GemmaLinearScheme(_GemmaInts):
 
 
 class GemmaEmbeddingScheme(_GemmaInts):
-    """quantize_embeddings: a lookup dequantizes only the rows asked for, as QuantizedEmbedding does (the
-    architecture's embedding scale is applied by QEmbedding afterwards)."""
+    """quantize_embeddings: a lookup dequantizes only the rows asked for and scales them as
+    QuantizedEmbedding does: (rows * scalar_embed_scale).to(dtype), the architecture's scale as a Python
+    float (Gemma's sqrt(hidden), not rounded to the compute dtype first), so QEmbedding does not scale again.
+    `dequantize()` is the unscaled table (QuantizedEmbedding.weight)."""
 
     param_name = "embedding_quantized"
     quantizes_embeddings = True
+    applies_embed_scale = True
 
-    def __init__(self, bits: int):
+    def __init__(self, bits: int, scalar: float = 1.0):
         super().__init__(bits)
+        self.scalar = float(scalar)
         self.name = f"gemma-embedding-int{bits}"
 
     def required_keys(self):
@@ -158,7 +162,8 @@ class GemmaEmbeddingScheme(_GemmaInts):
         return self._rows(qt.data["embedding_quantized"], qt.data["embedding_scale"], qt.shape[1], dtype)
 
     def embedding(self, ids, qt, dtype):
-        return self._rows(qt.data["embedding_quantized"][ids], qt.data["embedding_scale"][ids], qt.shape[1], dtype)
+        rows = self._rows(qt.data["embedding_quantized"][ids], qt.data["embedding_scale"][ids], qt.shape[1], dtype)
+        return (rows * self.scalar).to(dtype)
 
     def linear(self, x, qt, bias):
         return F.linear(x, self.dequantize(qt, x.dtype), bias)
@@ -170,6 +175,8 @@ class GemmaEmbeddingScheme(_GemmaInts):
 
 class GemmaSpec(QuantSpec):
     method = "gemma"
+    #: KV-cache scales for other tools; transformers leaves them unread too (_keys_to_ignore_on_load_unexpected)
+    ignorable_keys = (".k_cache_scale", ".v_cache_scale")
 
     def __init__(self, cfg: dict, *, file=None):
         cfg = dict(cfg)
@@ -191,7 +198,7 @@ class GemmaSpec(QuantSpec):
         self.quantize_embeddings = bool(cfg.get("quantize_embeddings", False))
         skip = cfg.get("modules_to_not_convert")
         self._linear = {b: GemmaLinearScheme(b) for b in BITS}
-        self._embedding = {b: GemmaEmbeddingScheme(b) for b in BITS}
+        self._embedding = {(b, 1.0): GemmaEmbeddingScheme(b) for b in BITS}
         self._bits_for("")                                  # validates num_bits
         super().__init__(None, skip_modules=list(skip) if skip is not None else ["lm_head"], raw=cfg)
 
@@ -208,7 +215,13 @@ class GemmaSpec(QuantSpec):
         if hf_skipped(module_name, self.skip_modules):
             return None
         if isinstance(module, nn.Embedding):
-            return self._embedding[self._bits_for(module_name)] if self.quantize_embeddings else None
+            if not self.quantize_embeddings:
+                return None
+            # transformers reads the module's scalar_embed_scale (1.0 when it has none)
+            key = (self._bits_for(module_name), float(getattr(module, "scalar_embed_scale", 1.0)))
+            if key not in self._embedding:
+                self._embedding[key] = GemmaEmbeddingScheme(*key)
+            return self._embedding[key]
         if module is not None and not isinstance(module, nn.Linear):
             return None
         return self._linear[self._bits_for(module_name)]
@@ -221,7 +234,7 @@ class GemmaSpec(QuantSpec):
             prefix = key[: -len(".embedding_quantized")]
             if prefix + ".embedding_scale" not in tensors or hf_skipped(prefix, self.skip_modules):
                 continue
-            scheme = self._embedding[self._bits_for(prefix)]
+            scheme = self._embedding[(self._bits_for(prefix), 1.0)]
             out[key] = scheme.decode({"embedding_quantized": out[key], "embedding_scale": out.pop(prefix + ".embedding_scale")},
                                      file=file, prefix=prefix)
         return out

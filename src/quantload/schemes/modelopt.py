@@ -89,6 +89,8 @@ def _algo(d: dict, *, file=None, where: str = "quant_algo") -> str:
 
 class ModelOptSpec(QuantSpec):
     method = "modelopt"
+    #: an FP8 KV cache's scales (k_proj.k_scale, v_proj.v_scale), for TensorRT-LLM / vLLM
+    ignorable_keys = (".k_scale", ".v_scale")
 
     def __init__(self, cfg: dict, *, file=None):
         cfg = dict(cfg)
