@@ -144,6 +144,8 @@ def test_every_case_names_known_runners_and_args_are_checked():
         assert case.alternative is None or RUNNERS[case.alternative].side == "alternative"
     assert run.parse_args(["--quick"]).repeats == 1
     assert run.parse_args(["--only", "memcpy,decode_nf4"]).only == ["memcpy", "decode_nf4"]
+    issue10 = run.parse_args(["--only", "issue10,decode_nf4"]).only
+    assert "llamacpp_decode_gemma" in issue10 and issue10.count("decode_nf4") == 1
     with pytest.raises(SystemExit):
         run.parse_args(["--only", "no_such_case"])
 
