@@ -44,6 +44,8 @@ def cmd_generate(a) -> int:
     import torch
 
     import quantload
+    if getattr(a, "exact", False):   # --exact: dequantize-then-matmul numerics (docs/kernels.md)
+        quantload.set_exact(True)
     from .runtime import generation
     threads = generation.set_threads(a.threads)  # before the load: it decodes blocks on these threads too
     path = a.path or default_model_path()
@@ -124,6 +126,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--quantize", default=None)
     g.add_argument("--dtype", default=None)
     g.add_argument("--chat", action="store_true", help="apply the model's chat template")
+    g.add_argument("--exact", action="store_true", help="dequantize-then-matmul numerics instead of the packed kernels")
     g.add_argument("--threads", type=int, default=None, help="torch threads (default: all physical cores)")
     g.add_argument("--hf-generate", action="store_true",
                    help="use transformers' model.generate instead of quantload's greedy loop")
