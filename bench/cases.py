@@ -188,6 +188,14 @@ CASES += [
 ]
 CASES_BY_NAME = {c.name: c for c in CASES}
 
+#: named sets of cases for --only: "issue10" is the table of issue #10's targets (llama.cpp, every 4-bit format
+#: vs the float model, NF4 vs bitsandbytes, and the load rows whose time and RSS must not grow)
+GROUPS = {
+    "issue10": ("llamacpp_decode_smollm2", "llamacpp_prefill_smollm2", "llamacpp_decode_gemma", "llamacpp_prefill_gemma",
+                "decode_nf4_vs_dense", "decode_int4_vs_dense", "decode_awq_vs_dense", "decode_gguf_q4_k_vs_dense",
+                "decode_nf4", "gguf_load_smollm2", "nf4_quantize_load"),
+}
+
 # --- the scale series (python -m bench --scale 1.5b,7b): not in CASES, heavy --------------------------------
 SCALE_SIZES = ("tiny", "1.5b", "7b")    # inputs.SCALE_CONFIGS; "tiny" is for smoke tests
 SCALE_CASES: dict[str, list[Case]] = {}

@@ -19,7 +19,7 @@ import time
 from importlib.metadata import PackageNotFoundError, version
 
 from . import chart, inputs, report
-from .cases import ALL_CASES_BY_NAME, ALTERNATIVE, CASES, CASES_BY_NAME, RUNNERS, SCALE_CASES, SCALE_SIZES, runners_of
+from .cases import ALL_CASES_BY_NAME, ALTERNATIVE, CASES, CASES_BY_NAME, GROUPS, RUNNERS, SCALE_CASES, SCALE_SIZES, runners_of
 from .worker import MARKER
 
 ROOT = inputs.BENCH_DIR.parent
@@ -30,7 +30,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--repeats", type=int, default=3, help="fresh-process runs per side (default 3)")
     p.add_argument("--quick", action="store_true", help="1 repeat, and skip the slow alternatives")
     p.add_argument("--only", action="append", default=[], metavar="CASE",
-                   help="run only these cases (repeatable or comma-separated); --list shows them")
+                   help="run only these cases (repeatable or comma-separated; a group name such as "
+                        f"{', '.join(GROUPS)} stands for its cases); --list shows them")
     p.add_argument("--no-alternatives", action="store_true", help="measure quantload alone")
     p.add_argument("--gemma-gguf", metavar="PATH",
                    help=f"a gemma-3-270m Q4_K_M GGUF for gguf_load_gemma (or set {inputs.GEMMA_ENV})")
@@ -48,6 +49,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     if a.quick:
         a.repeats = 1
     a.only = [n for item in a.only for n in item.split(",") if n]
+    a.only = list(dict.fromkeys(c for n in a.only for c in GROUPS.get(n, (n,))))   # a group: its cases
     unknown = [n for n in a.only if n not in CASES_BY_NAME]
     if unknown:
         p.error(f"unknown case(s) {unknown}; cases: {', '.join(CASES_BY_NAME)}")

