@@ -7,6 +7,7 @@ from .api import inspect, load, load_tokenizer, plan, read_state_dict, save  # n
 from .config import QuantSpec, short_names  # noqa: F401
 from .errors import (ConfigError, FileFormatError, MissingTensorError, PlacementError,  # noqa: F401
                      QuantloadError, QuantStateError, ShapeMismatchError, UnsupportedError)
+from .errors import WriteError  # noqa: F401
 from .report import LoadReport  # noqa: F401
 from .runtime.modules import QEmbedding, QLinear  # noqa: F401
 from .schemes.base import QTensor, Scheme  # noqa: F401

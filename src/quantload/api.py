@@ -12,11 +12,11 @@ from torch import nn
 # load (~15 ms of module imports that a timed load would otherwise pay once).
 from . import schemes  # noqa: F401  (registers every scheme family)
 from .checkpoint_weights import CheckpointWeights, index_by_module
-from .config import QuantSpec, parse_dtype, resolve_quantize
+from .config import QuantSpec, check_quantize_request, parse_dtype, resolve_quantize
 from .engine import load_weights
 from .errors import ConfigError, QuantloadError
 from .finalize import finalize, tied_pairs
-from .prepare import build_skeleton, named_tensors, read_config_dir, replace_modules
+from .prepare import build_skeleton, check_quantized_tensors, named_tensors, read_config_dir, replace_modules
 from .report import LoadReport, current_rss_bytes
 from .schemes.registry import spec_from_dict
 from .sources import open_source
@@ -133,8 +133,9 @@ def _tied_groups(model, sizes) -> list[list[str]]:
 
 def load(path, *, quantize=None, dtype=None, device_map="cpu", max_memory=None, offload_folder=None,
          trust_remote_code: bool = False, dequantize: bool = False, model: nn.Module | None = None,
-         progress: bool = True, quantization_config=None, torch_dtype=None, low_cpu_mem_usage=None,
-         revision: str | None = None, filename: str | None = None, headroom=None) -> nn.Module:
+         progress: bool = True, strict: bool = True, quantization_config=None, torch_dtype=None,
+         low_cpu_mem_usage=None, revision: str | None = None, filename: str | None = None,
+         headroom=None) -> nn.Module:
     """Load a checkpoint (directory, safetensors, .bin/.pt or .gguf) into a ready model.
 
     quantize: None (keep what the checkpoint has), a short name ("nf4", "fp4", "int8", "int4", ...),
@@ -142,6 +143,8 @@ def load(path, *, quantize=None, dtype=None, device_map="cpu", max_memory=None, 
     dequantize: GGUF only, give a plain float model instead of keeping blocks quantized.
     model: your own nn.Module to load into (parameters on meta, or real ones, which are replaced) instead of
     building from config.json.
+    strict: a checkpoint tensor the model does not consume is an error; strict=False drops them, listed
+    in model.load_report.unexpected_keys.
     path may also be a Hugging Face Hub id ("HuggingFaceTB/SmolLM2-135M-Instruct"; revision=, filename=
     for one GGUF of a repository). transformers' names are accepted: quantization_config= (= quantize=),
     torch_dtype= (= dtype=), dtype="auto" (the checkpoint's dtype); low_cpu_mem_usage is ignored (loads
@@ -168,12 +171,12 @@ def load(path, *, quantize=None, dtype=None, device_map="cpu", max_memory=None, 
             bar.stage("building the model")
             model = load_gguf(source, report=report, t0=t0, quantize=quantize, dtype=dtype, device_map=device_map,
                               max_memory=max_memory, offload_folder=offload_folder, dequantize=dequantize,
-                              progress=bar.engine_progress())
+                              progress=bar.engine_progress(), strict=strict)
         else:
             model = _load_checkpoint(source, path, report, t0, quantize=quantize, dtype=dtype,
                                      device_map=device_map, max_memory=max_memory, offload_folder=offload_folder,
                                      trust_remote_code=trust_remote_code, model=model, progress=bar,
-                                     headroom=headroom)
+                                     strict=strict, headroom=headroom)
     finally:
         source.close()
         bar.close()
@@ -227,20 +230,21 @@ def _refuse_requantize(source, quantize) -> None:
 
 
 def _load_checkpoint(source, path, report, t0, *, quantize, dtype, device_map, max_memory, offload_folder,
-                     trust_remote_code, model, progress, headroom=None):
+                     trust_remote_code, model, progress, strict=True, headroom=None):
     progress.stage("reading the config")
     config = read_config_dir(path) if model is None else getattr(model, "config", None)
+    config_file = os.path.join(path if os.path.isdir(path) else os.path.dirname(os.path.abspath(path)), "config.json")
     ckpt_spec = checkpoint_spec(path, config) if config is not None or model is None else None
     user_spec = resolve_quantize(quantize)
-    if ckpt_spec is not None and user_spec is not None and ckpt_spec.method != user_spec.method:
-        raise ConfigError(f"the checkpoint is already quantized with {ckpt_spec.method!r}; "
-                          f"quantize={quantize!r} would need a float checkpoint", file=path)
+    check_quantize_request(ckpt_spec, user_spec, quantize, file=config_file)
+    if config is not None:
+        check_quantized_tensors(ckpt_spec, source.keys(), file=config_file)
     spec = ckpt_spec or user_spec
     report.quant_method = spec.method if spec else None
     report.prequantized = ckpt_spec is not None
     if dtype is None:
         cd = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None)
-        dtype = parse_dtype(cd) if isinstance(cd, (str, torch.dtype)) else torch.float32
+        dtype = parse_dtype(cd, file=config_file, key="dtype") if isinstance(cd, (str, torch.dtype)) else torch.float32
     report.seconds["open"] = time.perf_counter() - t0
 
     t1 = time.perf_counter()
@@ -250,7 +254,7 @@ def _load_checkpoint(source, path, report, t0, *, quantize, dtype, device_map, m
         if config is None:
             raise ConfigError("no config.json beside the weights: pass model= (your nn.Module) or a "
                               "directory with config.json", file=path)
-        model = build_skeleton(config, dtype, trust_remote_code=trust_remote_code)
+        model = build_skeleton(config, dtype, trust_remote_code=trust_remote_code, source=source, file=config_file)
     else:
         aliases = parameters_to_meta(model)  # real parameters are replaced by the checkpoint's, not kept
     if user_spec is not None and ckpt_spec is None:
@@ -286,7 +290,7 @@ def _load_checkpoint(source, path, report, t0, *, quantize, dtype, device_map, m
     progress.stage("checking the model")
     retie(model, aliases)
     finalize(model, spec=spec, report=report, weights=weights, file=path, ignorable_unexpected=_IGNORABLE,
-             offloader=offloader)
+             offloader=offloader, strict=strict)
     if plan is not None:
         model.device_plan = plan
     report.seconds["finalize"] = time.perf_counter() - t2
@@ -395,7 +399,8 @@ def load_tokenizer(path, *, revision=None, filename=None, **kwargs):
 def save(model: nn.Module, out, *, max_shard_size=None, tokenizer="auto", **kwargs) -> list[str]:
     """Write `model` in the layout its scheme's ecosystem reads: a directory of safetensors shards +
     config.json (bitsandbytes, compressed-tensors, ... keys exactly as those tools write them), or a
-    GGUF file when `out` ends with .gguf. Every file is written atomically.
+    GGUF file when `out` ends with .gguf. The whole checkpoint is switched in at once: a crash leaves the old
+    checkpoint or the new one, never a mix (writers/staging.py). Failures raise WriteError naming the file.
     tokenizer: "auto" (default) writes the tokenizer of the checkpoint the model was loaded from, when it has
     one (so `quantload generate out` works); None writes none; or a tokenizer object."""
     out = os.fspath(out)
@@ -409,10 +414,7 @@ def save(model: nn.Module, out, *, max_shard_size=None, tokenizer="auto", **kwar
     from .placement import parse_memory
     from .writers.safetensors_writer import DEFAULT_SHARD, save_checkpoint
     limit = DEFAULT_SHARD if max_shard_size is None else parse_memory(max_shard_size)
-    written = save_checkpoint(model, out, max_shard_size=limit)
-    if tokenizer is not None:
-        written.extend(tokenizer.save_pretrained(out))
-    return written
+    return save_checkpoint(model, out, max_shard_size=limit, tokenizer=tokenizer)
 
 
 def source_tokenizer(model: nn.Module, *, gguf_out: bool = False):

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from torch import nn
 
-from .engine import raise_if_incomplete
+from .engine import raise_if_incomplete, raise_if_unconsumed
 from .errors import MissingTensorError
 from .prepare import named_tensors
 from .report import LoadReport, cuda_peaks, peak_rss_bytes
@@ -65,9 +65,20 @@ def tie_weights(model: nn.Module, report: LoadReport) -> None:
 
 
 def finalize(model: nn.Module, *, spec, report: LoadReport, weights, file: str,
-             ignorable_unexpected=(), offloader=None) -> nn.Module:
+             ignorable_unexpected=(), offloader=None, strict: bool = True) -> nn.Module:
+    """`strict`: checkpoint tensors the model did not consume (other than `ignorable_unexpected`, buffers
+    transformers recomputes) raise UnexpectedTensorError; with strict=False they are dropped and listed
+    in report.unexpected_keys (and named in one warning)."""
     tie_weights(model, report)
     raise_if_incomplete(report, file)
+    unexpected = weights.unconsumed() if weights is not None else []
+    report.unexpected_keys = [k for k in unexpected if not k.endswith(tuple(ignorable_unexpected))]
+    if strict:
+        raise_if_unconsumed(report, file)
+    elif report.unexpected_keys:
+        report.warnings.append(f"strict=False: {len(report.unexpected_keys)} checkpoint tensor(s) the model does "
+                               f"not use were dropped: {', '.join(report.unexpected_keys[:8])}"
+                               + (" ..." if len(report.unexpected_keys) > 8 else ""))
     if offloader is not None:
         offloader.share_tied(model)  # before the checks: a tied head may hold an offloaded placeholder
     offloaded = offloader.offloaded_names() if offloader is not None else set()
@@ -94,9 +105,6 @@ def finalize(model: nn.Module, *, spec, report: LoadReport, weights, file: str,
         p.requires_grad_(False)
     if spec is not None and hasattr(model, "config"):
         model.config.quantization_config = spec.to_dict()
-    unexpected = weights.unconsumed() if weights is not None else []
-    ignorable = tuple(ignorable_unexpected)
-    report.unexpected_keys = [k for k in unexpected if not k.endswith(ignorable)]
     report.companion_keys = weights.consumed_companions() if weights is not None else 0
     seen, devices, counts = set(), {}, {}
     for name, mod in qmods:

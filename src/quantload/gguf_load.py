@@ -96,7 +96,7 @@ def model_map_of(source):
 
 
 def load_gguf(source, *, report: LoadReport, t0: float, quantize, dtype, device_map, max_memory, offload_folder,
-              dequantize: bool, progress: bool) -> nn.Module:
+              dequantize: bool, progress: bool, strict: bool = True) -> nn.Module:
     from .api import _placement, _progress
     from .finalize import finalize
     from .prepare import build_skeleton, replace_modules
@@ -136,7 +136,9 @@ def load_gguf(source, *, report: LoadReport, t0: float, quantize, dtype, device_
                  progress=_progress("loading", progress), offloader=offloader, quantizing=spec is not None)
     report.tensors_read, report.bytes_read = weights.tensors_read, weights.bytes_read
     t2 = time.perf_counter()
-    finalize(model, spec=spec, report=report, weights=weights, file=source.path, offloader=offloader)
+    # tensors read into the config (rope_freqs) are consumed; any other tensor no parameter takes is an error
+    finalize(model, spec=spec, report=report, weights=weights, file=source.path, offloader=offloader,
+             ignorable_unexpected=tuple(mm.consumed), strict=strict)
     if plan is not None:
         model.device_plan = plan
     model.gguf_fields = source.fields

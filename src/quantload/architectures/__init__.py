@@ -13,9 +13,9 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping
 from typing import Any, NamedTuple
 
-from ..errors import FileFormatError, MissingTensorError, ShapeMismatchError, UnsupportedError
+from ..errors import FileFormatError, MissingTensorError, QuantloadError, ShapeMismatchError, UnsupportedError
 from .base import (Family, GGUFModelMap, Metadata, ParamRef, ReadTensor, UnsupportedArchitecture,
-                   tensor_shapes)
+                   config_rejected, tensor_shapes)
 from .decoder import eos_token_ids
 from .gemma import Gemma2Family, Gemma3Family
 from .llama import LlamaFamily
@@ -63,7 +63,12 @@ def gguf_to_hf(fields: Mapping[str, Any], tensors: Mapping[str, Any], *, file=No
     family = _family_for_gguf(arch, file)
     shapes = tensor_shapes(tensors)
     meta = Metadata(fields, arch, file)
-    config, consumed = family.config_from_gguf(meta, shapes, read_tensor)
+    try:
+        config, consumed = family.config_from_gguf(meta, shapes, read_tensor)
+    except QuantloadError:
+        raise
+    except Exception as e:  # transformers' own config validation (strict dataclasses, RoPE checks)
+        raise config_rejected(e, arch, file) from e
     params: dict[str, ParamRef] = {}
     for rule in family.rules(config):
         found = shapes.get(rule.gguf)
@@ -77,7 +82,7 @@ def gguf_to_hf(fields: Mapping[str, Any], tensors: Mapping[str, Any], *, file=No
     used = {ref.gguf_name for ref in params.values()}
     unused = sorted(name for name in shapes if name not in used)
     return GGUFModelMap(arch=arch, config=config, params=params, tied=bool(config.tie_word_embeddings),
-                        unused=unused, eos_token_ids=eos_token_ids(meta))
+                        unused=unused, eos_token_ids=eos_token_ids(meta), consumed=list(consumed))
 
 
 class GGUFWriteMap(NamedTuple):

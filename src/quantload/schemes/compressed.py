@@ -1,4 +1,4 @@
-"""compressed-tensors checkpoints (llm-compressor, vLLM): formats.md §5.
+"""compressed-tensors checkpoints (llm-compressor, vLLM): docs/formats.md §5.
 
 pack-quantized (integer weights, 1..8 bits), per module at prefix p, weight [O, I]:
   weight_packed      int32 [O, ceil(I*bits/32)]  dense little-endian stream along the input dim, values

@@ -1,4 +1,4 @@
-"""HQQ checkpoints (hqq's HQQLinear.state_dict, as transformers saves them): formats.md §6.1.
+"""HQQ checkpoints (hqq's HQQLinear.state_dict, as transformers saves them): docs/formats.md §6.1.
 
 Per layer: W_q (packed codes), scale, zero, and the layer's own parameters encoded as tensors (bool -> uint8
 scalar, int -> int32 scalar, float -> float32 scalar, str and torch.dtype -> uint8 characters, torch.Size

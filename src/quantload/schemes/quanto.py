@@ -1,4 +1,4 @@
-"""optimum-quanto checkpoints (QModule state dicts, as transformers saves them): formats.md §6.2.
+"""optimum-quanto checkpoints (QModule state dicts, as transformers saves them): docs/formats.md §6.2.
 
 qint8 / qfloat8: weight._data int8 (float8_e4m3fn) [O, I], weight._scale [O, 1] (or a scalar): W = data * scale.
 qint4 / qint2:   weight._data._data uint8, weight._scale [R, 1], weight._shift [R, 1], where the weight is
