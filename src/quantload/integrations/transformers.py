@@ -164,7 +164,8 @@ class QuantloadHfQuantizer(HfQuantizer):
         # what config.json must say for quantload, transformers and vLLM to read a saved copy (finalize set it)
         if getattr(model.config, "quantization_config", None) is None and hasattr(model.config, "quantization_config"):
             del model.config.quantization_config
-        model.save_pretrained = _save_pretrained.__get__(model)
+        from ..model_size import weak_bind
+        model.save_pretrained = weak_bind(_save_pretrained, model)
         return model
 
     def is_serializable(self):
