@@ -141,3 +141,26 @@ def test_readme_plan_example_runs_without_a_gpu():
     from realmodels import smollm2_bf16
     text = quantload.plan(smollm2_bf16(), quantize="nf4", device_map="auto", max_memory={"cpu": "2GiB"}).to_table()
     assert "cpu" in text
+
+
+def test_gguf_writes_show_progress(tmp_path, monkeypatch):
+    import tqdm.auto
+    from test_gguf_writer import tiny_model
+    from test_gguf_writer import tiny_tokenizer as make_tokenizer
+    model = tiny_model("llama")
+    tok = make_tokenizer.__wrapped__()
+    seen = {}
+
+    class Bar:
+        def __init__(self, *a, total=None, desc="", **k):
+            seen.update(total=total, desc=desc, n=0)
+
+        def update(self, n=1):
+            seen["n"] += n
+
+        def close(self):
+            seen["closed"] = True
+    monkeypatch.setattr(tqdm.auto, "tqdm", Bar)
+    quantload.save(model, tmp_path / "x.gguf", quantize="q8_0", tokenizer=tok)
+    assert seen["desc"] == "writing" and seen["total"] > 10 and seen["n"] == seen["total"]
+    assert seen["closed"]
