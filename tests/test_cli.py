@@ -164,3 +164,9 @@ def test_gguf_writes_show_progress(tmp_path, monkeypatch):
     quantload.save(model, tmp_path / "x.gguf", quantize="q8_0", tokenizer=tok)
     assert seen["desc"] == "writing" and seen["total"] > 10 and seen["n"] == seen["total"]
     assert seen["closed"]
+
+
+def test_convert_refuses_gguf_blocks_to_a_folder_before_loading(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(quantload, "load", lambda *a, **k: pytest.fail("loaded before checking the arguments"))
+    assert cli.main(["convert", str(tmp_path / "m.gguf"), str(tmp_path / "out")]) == 2
+    assert "--dequantize" in capsys.readouterr().err

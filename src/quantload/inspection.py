@@ -225,6 +225,9 @@ def plan_checkpoint(path: str, *, quantize, dtype, device_map, max_memory, offlo
             model = build_skeleton(config, dtype, trust_remote_code=trust_remote_code)
             by_module = index_by_module(source.keys())
             pre = checkpoint_spec(path, config) is not None
+            if spec is not None and not pre:
+                from .scheme_fit import fit_spec
+                spec, _ = fit_spec(spec, model, quantize)  # the group size load would pick ("int4")
 
             def choose(name, mod):
                 s = spec.scheme_for(name, mod) if spec is not None else None
