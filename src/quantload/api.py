@@ -17,7 +17,7 @@ from .engine import load_weights
 from .errors import ConfigError, QuantloadError
 from .finalize import finalize, tied_pairs
 from .prepare import build_skeleton, check_quantized_tensors, named_tensors, read_config_dir, replace_modules
-from .report import LoadReport, current_rss_bytes
+from .report import LoadReport
 from .schemes.registry import spec_from_dict
 from .sources import open_source
 from .sources import safetensors as _safetensors  # noqa: F401  (open_source imports it on first use)
