@@ -510,13 +510,15 @@ def test_add_scalar_keeps_dtype():
 # --- refusals -------------------------------------------------------------------------------------------
 def test_unknown_architecture_names_it_and_the_supported_ones():
     fields, tensors = llama_inputs()
-    fields["general.architecture"] = "mamba"
+    fields["general.architecture"] = "rwkv7"
     with pytest.raises(UnsupportedArchitecture) as info:
         gguf_to_hf(fields, tensors, file="m.gguf")
     assert isinstance(info.value, UnsupportedError) and isinstance(info.value, QuantloadError)
     assert info.value.key == "general.architecture" and info.value.file == "m.gguf"
-    assert "'mamba' is not mapped" in str(info.value)
-    assert "gemma2, gemma3, llama, phi3, qwen2, qwen3" in str(info.value)
+    assert "'rwkv7' is not mapped" in str(info.value)
+    from quantload.architectures import SUPPORTED_GGUF_ARCHITECTURES
+    assert "supported: " + ", ".join(SUPPORTED_GGUF_ARCHITECTURES) in str(info.value)
+    assert {"gemma2", "gemma3", "llama", "phi3", "qwen2", "qwen3"} <= set(SUPPORTED_GGUF_ARCHITECTURES)
 
 
 def _expect(error, fragment, key, fields_over=None, tensors_edit=None, **kw):
@@ -584,6 +586,6 @@ def test_writer_refusals():
     with pytest.raises(MissingTensorError, match="parameters the llama GGUF needs are absent") as info:
         hf_to_gguf(config, [n for n in names if "ffn_" not in n and "mlp.up_proj" not in n])
     assert info.value.key.endswith("mlp.up_proj.weight")
-    from transformers import GPT2Config
-    with pytest.raises(UnsupportedArchitecture, match="model_type 'gpt2' has no GGUF mapping yet"):
-        hf_to_gguf(GPT2Config(), [])
+    from transformers import BertConfig
+    with pytest.raises(UnsupportedArchitecture, match="model_type 'bert' has no GGUF mapping yet"):
+        hf_to_gguf(BertConfig(), [])

@@ -8,7 +8,8 @@ from .config import QuantSpec, short_names  # noqa: F401
 from .errors import (ConfigError, FileFormatError, MissingTensorError, PlacementError,  # noqa: F401
                      QuantloadError, QuantStateError, ShapeMismatchError, UnsupportedError)
 from .errors import WriteError  # noqa: F401
-from .report import LoadReport  # noqa: F401
+from .report import KernelChoice, LoadReport  # noqa: F401
+from .runtime.kernels import exact_enabled, set_exact  # noqa: F401  (the fast/exact switch: docs/kernels.md)
 from .runtime.modules import QEmbedding, QLinear  # noqa: F401
 from .schemes.base import QTensor, Scheme  # noqa: F401
 

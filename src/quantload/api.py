@@ -17,7 +17,8 @@ from .engine import load_weights
 from .errors import ConfigError, QuantloadError
 from .finalize import finalize, tied_pairs
 from .prepare import build_skeleton, check_quantized_tensors, named_tensors, read_config_dir, replace_modules
-from .report import LoadReport
+from .report import LoadReport, current_rss_bytes
+from .runtime import kernels as _kernels
 from .schemes.registry import spec_from_dict
 from .sources import open_source
 from .sources import safetensors as _safetensors  # noqa: F401  (open_source imports it on first use)
@@ -33,9 +34,9 @@ def checkpoint_spec(path: str, config) -> QuantSpec | None:
     d = path if os.path.isdir(path) else os.path.dirname(os.path.abspath(path))
     file = os.path.join(d, "config.json")
     # older exports keep the config beside the weights: GPTQ quantize_config.json, AutoAWQ
-    # quant_config.json, optimum-quanto quanto_qmap.json
+    # quant_config.json, optimum-quanto quanto_qmap.json, NVIDIA ModelOpt hf_quant_config.json
     for fname, method in (("quantize_config.json", "gptq"), ("quant_config.json", "awq"),
-                          ("quanto_qmap.json", "quanto")):
+                          ("quanto_qmap.json", "quanto"), ("hf_quant_config.json", "modelopt")):
         qfile = os.path.join(d, fname)
         if qc is not None or not os.path.exists(qfile):
             continue
@@ -135,7 +136,7 @@ def load(path, *, quantize=None, dtype=None, device_map="cpu", max_memory=None, 
          trust_remote_code: bool = False, dequantize: bool = False, model: nn.Module | None = None,
          progress: bool = True, strict: bool = True, quantization_config=None, torch_dtype=None,
          low_cpu_mem_usage=None, revision: str | None = None, filename: str | None = None,
-         headroom=None) -> nn.Module:
+         headroom=None, exact: bool | None = None, quantize_lm_head: bool = False) -> nn.Module:
     """Load a checkpoint (directory, safetensors, .bin/.pt or .gguf) into a ready model.
 
     quantize: None (keep what the checkpoint has), a short name ("nf4", "fp4", "int8", "int4", ...),
@@ -149,6 +150,11 @@ def load(path, *, quantize=None, dtype=None, device_map="cpu", max_memory=None, 
     for one GGUF of a repository). transformers' names are accepted: quantization_config= (= quantize=),
     torch_dtype= (= dtype=), dtype="auto" (the checkpoint's dtype); low_cpu_mem_usage is ignored (loads
     always stream). headroom: memory kept free for activations and the KV cache when placing ("auto" maps).
+    exact: True computes every quantized Linear as dequantize-then-matmul (the defining tool's numerics, bit
+    for bit); False/None (default: quantload.set_exact, QUANTLOAD_EXACT) takes the packed kernels
+    (docs/kernels.md). model.load_report.kernels says which kernel each weight got.
+    quantize_lm_head: when quantizing a float checkpoint, quantize an untied lm_head too (left dense by
+    default, as transformers does; a head tied to the embeddings stays as it is).
     """
     from .model_size import attach_size_methods
     from .report import LoadProgress, RssWatch
@@ -163,6 +169,7 @@ def load(path, *, quantize=None, dtype=None, device_map="cpu", max_memory=None, 
     bar.stage("opening the checkpoint")
     source = open_source(path)
     report.source_kind = type(source).__name__
+    kernels_before = _kernels.begin_load(exact)
     try:
         if type(source).__name__ == "GGUFSource":
             from .gguf_load import load_gguf
@@ -176,8 +183,10 @@ def load(path, *, quantize=None, dtype=None, device_map="cpu", max_memory=None, 
             model = _load_checkpoint(source, path, report, t0, quantize=quantize, dtype=dtype,
                                      device_map=device_map, max_memory=max_memory, offload_folder=offload_folder,
                                      trust_remote_code=trust_remote_code, model=model, progress=bar,
-                                     strict=strict, headroom=headroom)
+                                     headroom=headroom, strict=strict,
+                                     quantize_lm_head=quantize_lm_head)
     finally:
+        _kernels.end_load(kernels_before)
         source.close()
         bar.close()
     report.peak_above_start = watch.stop()
@@ -230,7 +239,7 @@ def _refuse_requantize(source, quantize) -> None:
 
 
 def _load_checkpoint(source, path, report, t0, *, quantize, dtype, device_map, max_memory, offload_folder,
-                     trust_remote_code, model, progress, strict=True, headroom=None):
+                     trust_remote_code, model, progress, headroom=None, strict=True, quantize_lm_head=False):
     progress.stage("reading the config")
     config = read_config_dir(path) if model is None else getattr(model, "config", None)
     config_file = os.path.join(path if os.path.isdir(path) else os.path.dirname(os.path.abspath(path)), "config.json")
@@ -254,9 +263,12 @@ def _load_checkpoint(source, path, report, t0, *, quantize, dtype, device_map, m
         if config is None:
             raise ConfigError("no config.json beside the weights: pass model= (your nn.Module) or a "
                               "directory with config.json", file=path)
-        model = build_skeleton(config, dtype, trust_remote_code=trust_remote_code, source=source, file=config_file)
+        model = build_skeleton(config, dtype, trust_remote_code=trust_remote_code, source=source,
+                               file=config_file)
     else:
         aliases = parameters_to_meta(model)  # real parameters are replaced by the checkpoint's, not kept
+    from .moe_load import prepare_experts
+    experts = prepare_experts(model, source, spec, dtype)  # MoE: fused experts -> one Linear per expert
     if user_spec is not None and ckpt_spec is None:
         from .scheme_fit import announce, fit_spec
         user_spec, note = fit_spec(user_spec, model, quantize)
@@ -265,12 +277,16 @@ def _load_checkpoint(source, path, report, t0, *, quantize, dtype, device_map, m
     skip_before = list(spec.skip_modules) if spec is not None else []
     modules = list(model.named_modules())
     names = [n for n, _ in named_tensors(modules, "_parameters")] + [n for n, _ in named_tensors(modules, "_buffers")]
-    weights = CheckpointWeights(source, names, getattr(model, "base_model_prefix", None))
+    weights = (CheckpointWeights if experts is None else experts.weights)(
+        source, names, getattr(model, "base_model_prefix", None))
+
+    if quantize_lm_head and user_spec is not None and ckpt_spec is None:
+        spec = _with_quantized_head(spec, model, report)
 
     def choose(name, mod):
         scheme = spec.scheme_for(name, mod) if spec is not None else None
-        if scheme is None or isinstance(mod, nn.Embedding):
-            return None
+        if scheme is None or (isinstance(mod, nn.Embedding) and not getattr(scheme, "quantizes_embeddings", False)):
+            return None  # embeddings stay dense unless the format stores them quantized (gemma)
         if ckpt_spec is not None and not scheme.present(weights.suffixes(name)):
             return None  # a dense layer inside a quantized checkpoint (lm_head, skipped modules)
         return scheme
@@ -295,6 +311,18 @@ def _load_checkpoint(source, path, report, t0, *, quantize, dtype, device_map, m
         model.device_plan = plan
     report.seconds["finalize"] = time.perf_counter() - t2
     return model
+
+
+def _with_quantized_head(spec, model, report):
+    """A copy of `spec` that does not skip lm_head, unless the head is tied to the embeddings (then it
+    stays the embedding table, dense, and the report says so)."""
+    import copy
+    if any(t.startswith("lm_head") for t, _ in tied_pairs(model)):
+        report.warnings.append("quantize_lm_head: lm_head is tied to the input embeddings; left as it is")
+        return spec
+    spec = copy.copy(spec)
+    spec.skip_modules = [m for m in spec.skip_modules if m != "lm_head"]
+    return spec
 
 
 def read_state_dict(path, *, quantization_config=None) -> dict:
@@ -338,6 +366,8 @@ def read_state_dict(path, *, quantization_config=None) -> dict:
     for k in keys:
         if k not in used:
             out[k] = source.get(k)
+    if hasattr(spec, "decode_unclaimed"):   # pieces no Linear owns (gpt-oss stacked MXFP4 experts)
+        out = spec.decode_unclaimed(out, file=path)
     return out
 
 

@@ -7,6 +7,7 @@ from .engine import raise_if_incomplete, raise_if_unconsumed
 from .errors import MissingTensorError
 from .prepare import named_tensors
 from .report import LoadReport, cuda_peaks, peak_rss_bytes
+from .runtime.kernels import choice_of, mark_output_head
 from .runtime.modules import QEmbedding, QLinear, _QModule
 
 
@@ -99,6 +100,8 @@ def finalize(model: nn.Module, *, spec, report: LoadReport, weights, file: str,
         model.offloader = offloader
         modules = list(model.named_modules())
         qmods = [(name, mod) for name, mod in modules if isinstance(mod, _QModule)]
+    mark_output_head(model)
+    report.kernels = {name: choice_of(mod.qweight, mod) for name, mod in qmods if mod.qweight is not None}
     model.eval()
     params = [p for _, p in named_tensors(modules, "_parameters")]
     for p in params:

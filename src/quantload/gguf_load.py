@@ -12,6 +12,7 @@ import time
 import torch
 from torch import nn
 
+from .architectures.moe import ExpertSlice
 from .config import resolve_quantize
 from .engine import Weights, load_weights
 from .ggml_types import GGML_TYPES
@@ -50,6 +51,11 @@ class GGUFWeights(Weights):
         if ref is None:
             return None
         info = self.source.info(ref.gguf_name)
+        if isinstance(ref.transform, ExpertSlice):   # MoE: this expert's rows of ffn_*_exps, as they are
+            raw, shape = self._expert_raw(ref)
+            qt = mod.scheme.decode({"weight": raw}, shape=shape, file=self.source.path, prefix=ref.gguf_name)
+            qt.dtype = self.dtype
+            return qt
         raw = self._raw(ref.gguf_name)
         qt = mod.scheme.decode({"weight": raw}, shape=info.shape, file=self.source.path, prefix=ref.gguf_name)
         if ref.transform is not None:
@@ -62,11 +68,26 @@ class GGUFWeights(Weights):
         qt.dtype = self.dtype
         return qt
 
+    def _expert_raw(self, ref):
+        """One expert's bytes of a 3-D expert tensor (counted as read once per expert, not E times)."""
+        info = self.source.info(ref.gguf_name)
+        raw, shape = ref.transform.rows_of(self.source.get(ref.gguf_name), info.shape)
+        self._remember(raw, info.file, info.offset + ref.transform.expert * raw.numel())
+        self.used.add(ref.gguf_name)
+        self.tensors_read += 1
+        self.bytes_read += raw.numel()
+        return raw, shape
+
     def tensor(self, name: str):
         ref = self.map.params.get(name)
         if ref is None:
             return None
         info = self.source.info(ref.gguf_name)
+        if isinstance(ref.transform, ExpertSlice):   # MoE: decode or cast this expert only
+            raw, shape = self._expert_raw(ref)
+            from .schemes.gguf import gguf_scheme
+            return gguf_scheme(info.ggml_type).decode({"weight": raw}, shape=shape, file=self.source.path,
+                                                      prefix=ref.gguf_name).dequantize(torch.float32)
         if info.ggml_type in _FLOAT_TYPES or GGML_TYPES[info.ggml_type].block_size == 1:
             small = info.nbytes <= _SMALL_BYTES  # norms, biases: copied, the map's pages stay untouched
             t = self.source.get_typed(ref.gguf_name, copy=small)
@@ -111,6 +132,8 @@ def load_gguf(source, *, report: LoadReport, t0: float, quantize, dtype, device_
 
     t1 = time.perf_counter()
     model = build_skeleton(mm.config, dtype)
+    if mm.adapt is not None:  # e.g. GPT-2's Conv1D as nn.Linear, the layout its GGUF blocks are in
+        mm.adapt(model)
 
     def choose(name, mod):
         if spec is not None:  # re-quantize: dequantize each GGUF tensor, then quantize with the spec
@@ -123,10 +146,15 @@ def load_gguf(source, *, report: LoadReport, t0: float, quantize, dtype, device_
         shape, type_id = mm_tensor_type(source, ref.gguf_name)
         if type_id in _FLOAT_TYPES or GGML_TYPES[type_id].block_size == 1:
             return None
+        if isinstance(ref.transform, ExpertSlice):
+            return gguf_scheme(type_id)   # MoE: each expert keeps its rows of the file's blocks
         if ref.transform is not None and ref.transform.row_permutation(shape[0]) is None:
             return None  # a transform that touches columns: this tensor is dequantized at load
         return gguf_scheme(type_id)
 
+    if any(isinstance(ref.transform, ExpertSlice) for ref in mm.params.values()):
+        from .moe_load import replace_experts
+        replace_experts(model, dtype)   # MoE: fused experts -> one Linear per expert (runtime/experts.py)
     replace_modules(model, choose, dtype)
     device_of, plan, offloader = _placement(model, device_map, max_memory, offload_folder)
     report.seconds["prepare"] = time.perf_counter() - t1

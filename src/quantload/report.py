@@ -32,6 +32,24 @@ def current_rss_bytes() -> int:
 
 
 @dataclass
+class KernelChoice:
+    """Which kernel one quantized weight computes with, and why the others were not taken.
+
+    kernel: "int4pack g32" / "int4pack g32 x2 planes" / "int8pack" / "int8pack rows" (a packed kernel,
+    runtime/kernels.py), "exact" (dequantize, then matmul) or "pending" (marked at load, repacked on its
+    first forward; the entry is updated then). reason: why this one. not_taken: kernel family -> why not.
+    The report holds the live object, so it reads the final choice after the first forward."""
+    kernel: str = "exact"
+    reason: str = ""
+    not_taken: dict[str, str] = field(default_factory=dict)
+
+    def __str__(self) -> str:
+        why = f" ({self.reason})" if self.reason else ""
+        others = "; ".join(f"not {k}: {v}" for k, v in self.not_taken.items())
+        return self.kernel + why + (f"; {others}" if others else "")
+
+
+@dataclass
 class LoadReport:
     path: str = ""
     source_kind: str = ""
@@ -52,6 +70,14 @@ class LoadReport:
     mismatched_keys: list[str] = field(default_factory=list)
     companion_keys: int = 0           # expected quantization companions consumed (absmax, scales, ...)
     warnings: list[str] = field(default_factory=list)
+    kernels: dict[str, KernelChoice] = field(default_factory=dict)   # module name -> its kernel
+
+    def kernel_counts(self) -> dict[str, int]:
+        """kernel -> number of quantized modules on it (a tied table counts once per module)."""
+        counts: dict[str, int] = {}
+        for c in self.kernels.values():
+            counts[c.kernel] = counts.get(c.kernel, 0) + 1
+        return counts
 
     @property
     def total_seconds(self) -> float:
@@ -72,6 +98,8 @@ class LoadReport:
     def __str__(self) -> str:
         lines = [self.summary()]
         lines.append("stages: " + ", ".join(f"{k} {v:.2f}s" for k, v in self.seconds.items()))
+        if self.kernels:
+            lines.append("kernels: " + ", ".join(f"{k} x{n}" for k, n in sorted(self.kernel_counts().items())))
         if self.devices:
             lines.append("devices: " + ", ".join(f"{d} {b / 2**20:.1f} MiB" for d, b in self.devices.items()))
         for title, items in (("missing", self.missing_keys), ("unexpected", self.unexpected_keys),

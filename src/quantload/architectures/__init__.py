@@ -17,10 +17,19 @@ from ..errors import FileFormatError, MissingTensorError, QuantloadError, ShapeM
 from .base import (Family, GGUFModelMap, Metadata, ParamRef, ReadTensor, UnsupportedArchitecture,
                    config_rejected, tensor_shapes)
 from .decoder import eos_token_ids
+from .bloom import BloomFamily
+from .deci import DeciFamily
+from .falcon import FalconFamily
 from .gemma import Gemma2Family, Gemma3Family
+from .gpt2 import GPT2Family
+from .nemotron import NemotronFamily
+from .stablelm import StableLmFamily
+from .starcoder2 import Starcoder2Family
+from .lfm2 import Lfm2Family
 from .llama import LlamaFamily
 from .phi3 import Phi3Family
 from .qwen import Qwen2Family, Qwen3Family
+from .qwen35 import Qwen35Family
 from .transforms import AddScalar, RopePermute, RopeUnpermute, Transform
 
 __all__ = ["gguf_to_hf", "hf_to_gguf", "gguf_extra_tensors", "GGUFModelMap", "GGUFWriteMap", "ParamRef",
@@ -29,6 +38,8 @@ __all__ = ["gguf_to_hf", "hf_to_gguf", "gguf_extra_tensors", "GGUFModelMap", "GG
 
 _FAMILIES: list[Family] = [LlamaFamily(), Qwen2Family(), Qwen3Family(), Gemma2Family(), Gemma3Family(),
                            Phi3Family()]
+_FAMILIES += [GPT2Family(), Starcoder2Family(), StableLmFamily(), NemotronFamily(), FalconFamily(),
+              BloomFamily(), DeciFamily(), Lfm2Family(), Qwen35Family()]
 _BY_GGUF_ARCH = {arch: fam for fam in _FAMILIES for arch in fam.gguf_archs}
 _BY_MODEL_TYPE = {mt: fam for fam in _FAMILIES for mt in fam.model_types}
 
@@ -82,7 +93,8 @@ def gguf_to_hf(fields: Mapping[str, Any], tensors: Mapping[str, Any], *, file=No
     used = {ref.gguf_name for ref in params.values()}
     unused = sorted(name for name in shapes if name not in used)
     return GGUFModelMap(arch=arch, config=config, params=params, tied=bool(config.tie_word_embeddings),
-                        unused=unused, eos_token_ids=eos_token_ids(meta), consumed=list(consumed))
+                        unused=unused, eos_token_ids=eos_token_ids(meta), consumed=list(consumed),
+                        adapt=family.adapt)
 
 
 class GGUFWriteMap(NamedTuple):
@@ -131,3 +143,20 @@ def gguf_extra_tensors(config) -> dict:
     `rope_factors_long/short.weight` (Phi-3 LongRoPE), as float32."""
     family = _family_for_config(config)
     return family.extra_tensors(config, family.gguf_arch_for(config))
+
+
+# --- mixture-of-experts families (registered here, after the dense ones, so each list stays one edit) ---
+def _register(*families: Family) -> None:
+    global SUPPORTED_GGUF_ARCHITECTURES, SUPPORTED_MODEL_TYPES
+    for fam in families:
+        _FAMILIES.append(fam)
+        _BY_GGUF_ARCH.update({arch: fam for arch in fam.gguf_archs})
+        _BY_MODEL_TYPE.update({mt: fam for mt in fam.model_types})
+    SUPPORTED_GGUF_ARCHITECTURES = tuple(sorted(_BY_GGUF_ARCH))
+    SUPPORTED_MODEL_TYPES = tuple(sorted(_BY_MODEL_TYPE))
+
+
+from .gpt_oss import GptOssFamily  # noqa: E402
+from .qwen_moe import Qwen2MoeFamily, Qwen3MoeFamily  # noqa: E402
+
+_register(Qwen2MoeFamily(), Qwen3MoeFamily(), GptOssFamily())

@@ -40,6 +40,8 @@ class GGUFModelMap:
                                                        # whose content went into the config)
     eos_token_ids: list[int] = field(default_factory=list)  # eos plus eot/eom, for a generation config
     consumed: list[str] = field(default_factory=list)   # GGUF tensors read into the config (rope_freqs)
+    # the family's change to the freshly built model before weights load (GPT-2's Conv1D -> nn.Linear), or None
+    adapt: Callable[[Any], None] | None = None
 
 
 class TensorRule(NamedTuple):
@@ -187,6 +189,9 @@ class Family:
     def extra_tensors(self, config, arch: str) -> dict[str, torch.Tensor]:
         """Non-parameter tensors llama.cpp expects for this config (rope factors)."""
         return {}
+
+    #: `adapt(model)`: changes the built skeleton (meta parameters) so `rules` describe it; None: none needed
+    adapt = None
 
 
 def u32(v) -> np.uint32:

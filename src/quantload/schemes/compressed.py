@@ -344,7 +344,7 @@ class CTNaiveScheme(_CTScheme):
 
 
 # --- quantization_config ------------------------------------------------------------------------
-_SUPPORTED_FORMATS = ("pack-quantized", *NAIVE_FORMATS, "dense")
+_SUPPORTED_FORMATS = ("pack-quantized", *NAIVE_FORMATS, "dense", "nvfp4-pack-quantized", "mxfp4-pack-quantized")
 
 
 def _ct_name_match(name: str, target: str) -> bool:
@@ -389,6 +389,10 @@ class CompressedTensorsSpec(QuantSpec):
     def _scheme(self, group: dict, top_format, file):
         if group.get("weights") is None:
             return None                                   # activation-only group: weights stay dense
+        fp4 = group.get("format") if top_format in (None, "mixed-precision") else top_format
+        if fp4 in ("nvfp4-pack-quantized", "mxfp4-pack-quantized"):  # E2M1 weights: schemes/nvfp4.py
+            from .nvfp4 import ct_fp4_scheme
+            return ct_fp4_scheme(fp4, group["weights"], file=file) if self.compressed else None
         args = WeightArgs.from_dict(group["weights"], file=file)
         fmt = group.get("format") if top_format in (None, "mixed-precision") else top_format
         if fmt is None:                                   # what compressed-tensors infers

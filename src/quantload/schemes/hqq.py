@@ -16,6 +16,7 @@ import torch
 
 from ..config import QuantSpec
 from ..errors import QuantStateError, ShapeMismatchError, UnsupportedError
+from ..runtime import kernels
 from .base import QTensor, Scheme
 from .checks import expect_dtype, expect_shape, full_key, need
 from .intpack import unpack_planes
@@ -76,7 +77,7 @@ def _encode_meta(value) -> torch.Tensor:
     raise TypeError(f"cannot encode {value!r}")
 
 
-class HQQScheme(Scheme):
+class HQQScheme(kernels.FastLinear, Scheme):
     param_name = "weight"
     name = "hqq"
 

@@ -18,6 +18,7 @@ import torch
 
 from ..config import QuantSpec, module_matches
 from ..errors import ConfigError, ShapeMismatchError, UnsupportedError
+from ..runtime import kernels
 from .base import QTensor, Scheme
 from .checks import expect_dtype, expect_float, expect_shape, full_key, need
 from .intpack import unpack_planes
@@ -38,7 +39,7 @@ def canonical_qtype(name, *, file=None) -> str:
     return s
 
 
-class QuantoScheme(Scheme):
+class QuantoScheme(kernels.FastLinear, Scheme):
     param_name = "weight"
     #: extra keys a caller without a model may pass only to size the weight (not consumed)
     shape_hint_keys = ("bias",)
