@@ -117,3 +117,13 @@ def test_quantize_on_cuda_stays_on_cuda():
     quantload.quantize_(net, "nf4")
     assert net[0].qweight.device.type == "cuda"
     assert net(torch.randn(2, 64, device="cuda")).device.type == "cuda"
+
+
+def test_a_model_quantized_in_memory_saves_and_loads_back(tmp_path):
+    model = quantload.quantize_(tiny_llama(), "nf4")
+    quantload.save(model, tmp_path / "q")
+    back = quantload.load(tmp_path / "q", progress=False)
+    ids = torch.tensor([[1, 5, 9, 33, 2, 7]])
+    with torch.no_grad():
+        assert torch.equal(back(ids).logits, model(ids).logits)
+    assert back.load_report.prequantized

@@ -103,3 +103,14 @@ def test_quantload_config_is_accepted_by_load(tmp_path):
     path = tiny(tmp_path / "m")
     model = quantload.load(path, quantization_config=quantload.QuantloadConfig(quantize="nf4"), progress=False)
     assert isinstance(model.model.layers[0].mlp.up_proj, QLinear)
+
+
+def test_placement_and_load_options_go_through_the_config(tmp_path):
+    path = tiny(tmp_path / "m")
+    cfg = quantload.QuantloadConfig(quantize="nf4", max_memory={"cpu": "1GiB"}, headroom=0.2, progress=False,
+                                    load_options={"quantize_lm_head": True})
+    got = AutoModelForCausalLM.from_pretrained(path, quantization_config=cfg, device_map="auto")
+    assert got.device_plan.headroom_rule.startswith("20%")
+    assert isinstance(got.lm_head, QLinear)
+    ref = quantload.load(path, quantize="nf4", quantize_lm_head=True, progress=False)
+    same_weights(ref, got)

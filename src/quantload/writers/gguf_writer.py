@@ -202,7 +202,7 @@ def gguf_metadata(model: nn.Module, arch_fields: dict[str, Any], file_type: int,
 
 
 def save_gguf(model: nn.Module, path, *, tokenizer=None, quantize: str | None = "q8_0",
-              alignment: int = DEFAULT_ALIGNMENT, **_) -> list[str]:
+              alignment: int = DEFAULT_ALIGNMENT, progress=None, **_) -> list[str]:
     """Write `model` (a transformers causal LM of a mapped architecture, plain or quantload-quantized)
     as one GGUF v3 file at `path`; returns [path]. `quantize`: q8_0, q4_0, q4_1, q5_0, q5_1, f16,
     bf16 or f32 (what the matrices become; see the module docstring)."""
@@ -231,10 +231,13 @@ def save_gguf(model: nn.Module, path, *, tokenizer=None, quantize: str | None = 
         # a plain create: the user's umask gives the mode (mkstemp made it 0600)
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
     step("staged")
+    bar = progress(len(planned)) if progress else None  # progress: total -> a bar with update() and close()
     try:
         with writing(path), os.fdopen(fd, "wb") as f:
             f.write(header)
             for t in planned:
+                if bar:
+                    bar.update(1)
                 data = t.produce()
                 if data.dtype != torch.uint8 or data.numel() != t.nbytes:
                     raise ShapeMismatchError(
@@ -255,4 +258,7 @@ def save_gguf(model: nn.Module, path, *, tokenizer=None, quantize: str | None = 
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
+    finally:
+        if bar:
+            bar.close()
     return [path]
