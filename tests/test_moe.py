@@ -471,3 +471,28 @@ def test_gpt_oss_mxfp4_experts_stay_packed_and_equal_transformers(tmp_path):
             assert mlp.down_proj.qweight.nbytes == HIDDEN * INTER // 2 + HIDDEN * INTER // 32
     torch.testing.assert_close(logits(ours), logits(theirs), rtol=1e-5, atol=1e-5)
     assert greedy(ours) == greedy(theirs)
+
+
+def test_saved_quantized_experts_load_back(tmp_path):
+    """save() writes each expert's packed pieces under its per-expert key (the layout read above)."""
+    model = tiny_model("qwen3_moe")
+    write_checkpoint(tmp_path / "f", "qwen3_moe", dict(model.state_dict()))
+    ours = quantload.load(tmp_path / "f", quantize="nf4", dtype=torch.float32, progress=False)
+    quantload.save(ours, tmp_path / "saved")
+    keys = load_file(str(tmp_path / "saved" / "model.safetensors")).keys()
+    assert "model.layers.1.mlp.experts.3.down_proj.weight.absmax" in keys
+    assert not any(k.endswith(("gate_up_proj", "experts.down_proj")) for k in keys)
+    again = quantload.load(tmp_path / "saved", dtype=torch.float32, progress=False)
+    assert again.load_report.quantized_modules == ours.load_report.quantized_modules
+    assert torch.equal(logits(again), logits(ours))
+
+
+def test_plan_counts_the_experts_quantized(tmp_path):
+    """plan() prepares the skeleton as load() does: the experts are planned at their quantized size."""
+    model = tiny_model("qwen2_moe")
+    model.save_pretrained(tmp_path / "m")
+    plan = quantload.plan(tmp_path / "m", quantize="nf4", device_map="auto", max_memory={"cpu": "1GiB"})
+    ours = quantload.load(tmp_path / "m", quantize="nf4", dtype=torch.float32, progress=False)
+    dense = sum(p.numel() * 4 for p in model.parameters())
+    assert plan.total_bytes < 0.6 * dense
+    assert abs(plan.total_bytes - ours.load_report.model_bytes) <= 0.05 * ours.load_report.model_bytes

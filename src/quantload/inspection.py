@@ -116,6 +116,10 @@ def plan_checkpoint(path: str, *, quantize, dtype, device_map, max_memory, offlo
             mm = model_map_of(source)
             model = build_skeleton(mm.config, dtype or torch.float32)
             spec = resolve_quantize(quantize)
+            from .architectures.moe import ExpertSlice
+            if any(isinstance(ref.transform, ExpertSlice) for ref in mm.params.values()):
+                from .moe_load import replace_experts
+                replace_experts(model, dtype or torch.float32)   # as load does: one Linear per expert
 
             def choose(name, mod):
                 if spec is not None:
@@ -133,6 +137,8 @@ def plan_checkpoint(path: str, *, quantize, dtype, device_map, max_memory, offlo
             cd = getattr(config, "dtype", None)
             dtype = dtype or (parse_dtype(cd) if isinstance(cd, (str, torch.dtype)) else torch.float32)
             model = build_skeleton(config, dtype, trust_remote_code=trust_remote_code)
+            from .moe_load import prepare_experts
+            prepare_experts(model, source, spec, dtype)   # as load does: one Linear per expert
             by_module = index_by_module(source.keys())
             pre = checkpoint_spec(path, config) is not None
 
