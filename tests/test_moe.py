@@ -1,8 +1,8 @@
 """Mixture-of-experts models keep their experts quantized, one QTensor per expert per projection, and
 compute only the experts the router picked.
 
-Tiny random transformers models (2 layers, 4 experts, top-2, hidden 64) of Qwen2-MoE, Qwen3-MoE, Mixtral
-and gpt-oss are written as the tools write them: transformers' own save_pretrained (per-expert keys,
+Tiny random transformers models (2 layers, 4 experts, top-2, hidden 64) of Qwen2-MoE, Qwen3-MoE, Mixtral,
+gpt-oss and MiniMax-M2 are written as the tools write them: transformers' own save_pretrained (per-expert keys,
 Mixtral's block_sparse_moe names; gpt-oss fused), bitsandbytes' quantize_4bit per expert (the keys
 transformers 4 + bitsandbytes wrote), compressed-tensors' own compressor, and GPTQ / AWQ packed by the
 packers tests/test_gptq.py and tests/test_awq.py check against the tools' bytes. The reference is
@@ -50,10 +50,14 @@ def tiny_config(family):
     if family == "gpt_oss":
         return transformers.GptOssConfig(**common, head_dim=16, intermediate_size=INTER, num_local_experts=E,
                                          num_experts_per_tok=TOPK, sliding_window=8)
+    if family == "minimax_m2":
+        return transformers.MiniMaxM2Config(**common, head_dim=16, intermediate_size=INTER, num_local_experts=E,
+                                            num_experts_per_tok=TOPK, bos_token_id=1, eos_token_id=2)
     raise KeyError(family)
 
 
-FAMILIES = ["qwen2_moe", "qwen3_moe", "mixtral", "gpt_oss"]
+FAMILIES = ["qwen2_moe", "qwen3_moe", "mixtral", "gpt_oss", "minimax_m2"]
+MIXTRAL_STYLE = ("mixtral", "minimax_m2")     # block_sparse_moe.experts.N.w1/w3/w2 on the hub
 
 
 def tiny_model(family, seed=0):
@@ -64,6 +68,9 @@ def tiny_model(family, seed=0):
         for n, p in model.named_parameters():
             if "experts" in n or "router" in n or n.endswith("mlp.gate.weight"):
                 p.normal_(0, 0.2)
+        for n, b in model.named_buffers():
+            if n.endswith("e_score_correction_bias"):   # MiniMax-M2's routing bias: must be loaded, not left 0
+                b.normal_(0, 0.5)
     return model
 
 
@@ -121,10 +128,11 @@ def per_expert_state_dict(family, model):
     sd = {k: v.detach().clone() for k, v in model.state_dict().items()}
     for prefix in experts_prefixes(model):
         sd.update(split_experts(family, sd, prefix))
-    if family == "mixtral":
+    if family in MIXTRAL_STYLE:
         renamed = {}
         for k, v in sd.items():
             k = k.replace(".mlp.gate.", ".block_sparse_moe.gate.")
+            k = k.replace(".mlp.e_score_correction_bias", ".block_sparse_moe.e_score_correction_bias")
             for role, w in MIXTRAL_NAMES.items():
                 k = k.replace(f".{role}.", f".{w}.") if ".mlp.experts." in k else k
             renamed[k.replace(".mlp.experts.", ".block_sparse_moe.experts.")] = v
@@ -134,11 +142,12 @@ def per_expert_state_dict(family, model):
 
 def model_names(family, sd):
     """Hub names -> the model's per-expert names (Mixtral back from block_sparse_moe)."""
-    if family != "mixtral":
+    if family not in MIXTRAL_STYLE:
         return dict(sd)
     out = {}
     for k, v in sd.items():
         k = k.replace(".block_sparse_moe.gate.", ".mlp.gate.").replace(".block_sparse_moe.experts.", ".mlp.experts.")
+        k = k.replace(".block_sparse_moe.e_score_correction_bias", ".mlp.e_score_correction_bias")
         for role, w in MIXTRAL_NAMES.items():
             k = k.replace(f".{w}.", f".{role}.") if ".mlp.experts." in k else k
         out[k] = v
@@ -291,13 +300,17 @@ def qexperts(model):
 # --- dense checkpoints: transformers' own save_pretrained layouts ------------------------------------
 @pytest.mark.parametrize("family", FAMILIES)
 def test_dense_checkpoint_loads_into_transformers_moe(tmp_path, family):
-    """save_pretrained writes Qwen-MoE per expert, Mixtral as block_sparse_moe.experts.N.w1/w3/w2, gpt-oss
-    fused: all load with the same logits as the original model."""
+    """save_pretrained writes Qwen-MoE per expert, Mixtral and MiniMax-M2 as block_sparse_moe.experts.N.w1/w3/w2,
+    gpt-oss fused: all load with the same logits as the original model."""
     model = tiny_model(family)
     model.save_pretrained(tmp_path / "m")
     ours = quantload.load(tmp_path / "m", dtype=torch.float32, progress=False)
     assert ours.load_report.unexpected_keys == []
-    torch.testing.assert_close(logits(ours), logits(model), rtol=0, atol=0)
+    if family == "minimax_m2":   # the routing bias is a buffer, under block_sparse_moe in the file
+        assert torch.equal(ours.model.layers[1].mlp.e_score_correction_bias,
+                           model.model.layers[1].mlp.e_score_correction_bias)
+    # (transformers' own grouped_mm and the per-expert loop sum in other orders: float noise)
+    torch.testing.assert_close(logits(ours), logits(model), rtol=1e-6, atol=1e-6)
 
 
 @pytest.mark.parametrize("family", ["gpt_oss", "mixtral"])

@@ -32,16 +32,17 @@ from .runtime.modules import QLinear
 from .schemes.base import QTensor
 
 #: transformers experts classes whose forward QExperts reproduces (each one tested in tests/test_moe.py)
-SUPPORTED_EXPERTS = ("Qwen2MoeExperts", "Qwen3MoeExperts", "MixtralExperts", "GptOssExperts")
+SUPPORTED_EXPERTS = ("Qwen2MoeExperts", "Qwen3MoeExperts", "MixtralExperts", "GptOssExperts", "MiniMaxM2Experts")
 ROLES = ("gate_proj", "up_proj", "down_proj")
 _PER_EXPERT_KEY = re.compile(r"\.experts\.\d+\.")
 
-# Mixtral's original checkpoint names (transformers' conversion_mapping does the same renaming)
+# Mixtral's (and MiniMax-M2's) original checkpoint names (transformers' conversion_mapping does the same)
 _MIXTRAL_RENAMES = [
     (re.compile(r"\.mlp\.experts\.(\d+)\.gate_proj(?=\.|$)"), r".block_sparse_moe.experts.\1.w1"),
     (re.compile(r"\.mlp\.experts\.(\d+)\.up_proj(?=\.|$)"), r".block_sparse_moe.experts.\1.w3"),
     (re.compile(r"\.mlp\.experts\.(\d+)\.down_proj(?=\.|$)"), r".block_sparse_moe.experts.\1.w2"),
     (re.compile(r"\.mlp\.gate(?=\.|$)"), ".block_sparse_moe.gate"),
+    (re.compile(r"\.mlp\.e_score_correction_bias$"), ".block_sparse_moe.e_score_correction_bias"),
 ]
 
 
