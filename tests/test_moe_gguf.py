@@ -134,7 +134,8 @@ def reference(family, path):
         if family == "mixtral":   # llama: the converter permuted Q/K rows (w.reshape(n, 2, r/n/2).swapaxes(1, 2))
             for m, n in (("q_proj", config.num_attention_heads), ("k_proj", config.num_key_value_heads)):
                 w = sd[f"{h}self_attn.{m}.weight"]
-                sd[f"{h}self_attn.{m}.weight"] = w.reshape(n, w.shape[0] // n // 2, 2, -1).swapaxes(1, 2).reshape(w.shape)
+                unpermuted = w.reshape(n, w.shape[0] // n // 2, 2, -1).swapaxes(1, 2)
+                sd[f"{h}self_attn.{m}.weight"] = unpermuted.reshape(w.shape)
         for g, m in (("attn_q_norm", "q_norm"), ("attn_k_norm", "k_norm")):
             if f"{b}{g}.weight" in t:
                 sd[f"{h}self_attn.{m}.weight"] = t[f"{b}{g}.weight"]
@@ -143,7 +144,8 @@ def reference(family, path):
         if family == "gpt_oss":
             sd[f"{h}self_attn.sinks"] = t[f"{b}attn_sinks.weight"]
             sd[f"{h}post_attention_layernorm.weight"] = t[f"{b}post_attention_norm.weight"]
-            sd[f"{h}mlp.router.weight"], sd[f"{h}mlp.router.bias"] = t[f"{b}ffn_gate_inp.weight"], t[f"{b}ffn_gate_inp.bias"]
+            sd[f"{h}mlp.router.weight"] = t[f"{b}ffn_gate_inp.weight"]
+            sd[f"{h}mlp.router.bias"] = t[f"{b}ffn_gate_inp.bias"]
             gu = torch.empty(E, 2 * gate.shape[1], gate.shape[2])
             gu[:, 0::2], gu[:, 1::2] = gate, up
             sd[f"{h}mlp.experts.gate_up_proj"] = gu.transpose(1, 2).contiguous()

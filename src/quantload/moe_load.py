@@ -215,9 +215,9 @@ class MoECheckpointWeights(CheckpointWeights):
         else:
             one = QTensor(scheme, {k: v.contiguous() for k, v in one.data.items()}, one.shape, one.dtype, one.meta)
         if tuple(one.shape) != tuple(mod._logical_shape):
+            key = self.key_of(f"{prefix}.{stem}_blocks")
             raise ShapeMismatchError(f"expert {e} {role}: stacked {stem} gives {tuple(one.shape)}, the model "
-                                     f"expects {tuple(mod._logical_shape)}", file=self._file_of(self.key_of(prefix + "." + stem + "_blocks")),
-                                     key=f"{prefix}.{stem}")
+                                     f"expects {tuple(mod._logical_shape)}", file=self._file_of(key), key=key)
         one.dtype = mod._logical_dtype
         return one
 

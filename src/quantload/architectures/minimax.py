@@ -24,7 +24,8 @@ class MiniMaxM2Family(DecoderFamily):
         gating = meta.arch_int("expert_gating_func", 2)
         if gating != 2:   # llama.cpp's LLAMA_EXPERT_GATING_FUNC_TYPE_SIGMOID; transformers' router is sigmoid only
             raise UnsupportedError(f"minimax-m2 with expert gating function {gating} is not supported (only 2, "
-                                   "sigmoid, as MiniMax-M2 routes)", file=meta.file, key="minimax-m2.expert_gating_func")
+                                   "sigmoid, as MiniMax-M2 routes)", file=meta.file,
+                                   key="minimax-m2.expert_gating_func")
         kwargs = self.common_kwargs(meta, shapes)
         moe = moe_kwargs(meta, shapes)
         kwargs.update(num_local_experts=moe["num_experts"], num_experts_per_tok=moe["num_experts_per_tok"],
