@@ -510,3 +510,13 @@ def test_plan_counts_the_experts_quantized(tmp_path):
     dense = sum(p.numel() * 4 for p in model.parameters())
     assert plan.total_bytes < 0.6 * dense
     assert abs(plan.total_bytes - ours.load_report.model_bytes) <= 0.05 * ours.load_report.model_bytes
+
+
+def test_unsupported_experts_class_is_named(tmp_path):
+    """An MoE whose experts QExperts does not reproduce (OLMoE here) refuses per-expert checkpoints by
+    name, listing the supported ones, instead of reporting its fused parameters missing."""
+    cfg = transformers.OlmoeConfig(vocab_size=VOCAB, hidden_size=HIDDEN, intermediate_size=INTER, num_hidden_layers=1,
+                                   num_attention_heads=4, num_key_value_heads=2, num_experts=E, num_experts_per_tok=TOPK)
+    transformers.OlmoeForCausalLM(cfg).save_pretrained(tmp_path / "m")   # per expert, as the hub has it
+    with pytest.raises(quantload.UnsupportedError, match="OlmoeExperts .* supported experts: Qwen2MoeExperts"):
+        quantload.load(tmp_path / "m", progress=False)

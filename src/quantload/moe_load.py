@@ -95,6 +95,18 @@ def find_experts(model: nn.Module) -> list[tuple[str, nn.Module, FusedLayout]]:
     return out
 
 
+def _refuse_unsupported_experts(model: nn.Module) -> None:
+    """A fused experts module we do not replace cannot read per-expert checkpoints: say so, by its
+    class, rather than report its fused parameters missing. (A fused float checkpoint of such a model
+    still loads, its experts kept dense.)"""
+    for name, mod in model.named_modules():
+        gu = getattr(mod, "gate_up_proj", None)
+        if (isinstance(gu, torch.Tensor) and gu.dim() == 3 and type(mod).__name__ not in SUPPORTED_EXPERTS):
+            from .errors import UnsupportedError
+            raise UnsupportedError(f"{type(mod).__name__} (at {name}) stored per expert is not supported yet; "
+                                   f"supported experts: {', '.join(SUPPORTED_EXPERTS)}", key=name)
+
+
 def quantized_experts(mod: nn.Module, layout: FusedLayout, dtype: torch.dtype) -> QExperts:
     """A QExperts (dense meta Linears, swapped for QLinears by prepare) computing what `mod` computes."""
     if type(mod).__name__ == "GptOssExperts":
@@ -277,9 +289,11 @@ def prepare_experts(model: nn.Module, source, spec, dtype: torch.dtype) -> Exper
     """Replace the model's fused experts when the checkpoint stores them per expert, or when they are
     (or are to be) quantized; None when the model has no supported experts or keeps them fused."""
     found = find_experts(model)
+    per_expert = any(_PER_EXPERT_KEY.search(k) for k in source.keys())
+    if per_expert:
+        _refuse_unsupported_experts(model)
     if not found:
         return None
-    per_expert = any(_PER_EXPERT_KEY.search(k) for k in source.keys())
     if not per_expert and spec is None:
         return None
     routers = {f"{name}.weight": mod.weight.shape for name, mod in model.named_modules()
