@@ -95,6 +95,15 @@ def find_experts(model: nn.Module) -> list[tuple[str, nn.Module, FusedLayout]]:
     return out
 
 
+def _is_moe(config) -> bool:
+    """Whether a transformers config declares experts (a model without a config is walked anyway)."""
+    if config is None:
+        return True
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    return any(getattr(c, a, None) for c in (config, text)
+               for a in ("num_experts", "num_local_experts", "n_routed_experts", "moe_num_experts"))
+
+
 def _refuse_unsupported_experts(model: nn.Module) -> None:
     """A fused experts module we do not replace cannot read per-expert checkpoints: say so, by its
     class, rather than report its fused parameters missing. (A fused float checkpoint of such a model
@@ -288,6 +297,8 @@ def quantize_stacked_experts(model: nn.Module, replaced: dict[str, FusedLayout],
 def prepare_experts(model: nn.Module, source, spec, dtype: torch.dtype) -> ExpertsPlan | None:
     """Replace the model's fused experts when the checkpoint stores them per expert, or when they are
     (or are to be) quantized; None when the model has no supported experts or keeps them fused."""
+    if not _is_moe(getattr(model, "config", None)):
+        return None   # the common case costs one look at the config, no walk of the modules
     found = find_experts(model)
     per_expert = any(_PER_EXPERT_KEY.search(k) for k in source.keys())
     if per_expert:
