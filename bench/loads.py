@@ -37,7 +37,7 @@ def _current_rss() -> int:
         return int(f.read().split()[1]) * resource.getpagesize()
 
 
-def _measure(import_side, load, model_bytes, *, decode: bool) -> dict:
+def _measure(import_side, load, model_bytes, *, decode: bool, decode_tokens: int = DECODE_TOKENS) -> dict:
     t = time.perf_counter()
     import_side()
     out = {"import_s": time.perf_counter() - t, "import_rss": _current_rss()}
@@ -49,7 +49,8 @@ def _measure(import_side, load, model_bytes, *, decode: bool) -> dict:
     if decode:
         try:
             # the prompt's tokenizer comes after the load's figures: it is not part of either side's load
-            out.update(greedy_decode(model, _prompt_ids()))
+            out.update(greedy_decode(model, _prompt_ids(), decode_tokens))
+            out["peak_rss_decode"] = _peak_rss()   # with what the first forwards add (repacked kernels, KV cache)
         except Exception as e:  # keep the load figures; the decode row shows the error
             out["tokens_per_s.error"] = f"{type(e).__name__}: {e}"
     return out
@@ -145,6 +146,12 @@ def ql_gguf_decode() -> dict:
                     decode=True)
 
 
+def ql_gguf_q4_k_decode() -> dict:
+    """SmolLM2 Q4_K_M as llama.cpp quantizes it (inputs.build_q4_k), packed kernels on."""
+    return _measure(_import_quantload, _ql_load(inputs.q4_k_gguf(), fast_kernels=True), _quantload_bytes,
+                    decode=True)
+
+
 def ql_gguf_gemma() -> dict:
     return _measure(_import_quantload, _ql_load(inputs.gemma_gguf()), _quantload_bytes, decode=False)
 
@@ -171,6 +178,12 @@ def ql_int4() -> dict:
     from quantload.schemes.affine import ct_config
     return _measure(_import_quantload, _ql_load(inputs.bf16_dir(), quantize=ct_config(4, group_size=64),
                                                 fast_kernels=True, dtype="float32"), _quantload_bytes, decode=True)
+
+
+def ql_awq() -> dict:
+    """The AWQ GEMM checkpoint of inputs.build_awq (4-bit, group 64), packed kernels on."""
+    return _measure(_import_quantload, _ql_load(inputs.awq_dir(), fast_kernels=True, dtype="float32"),
+                    _quantload_bytes, decode=True)
 
 
 def ql_dense() -> dict:

@@ -19,7 +19,7 @@ import time
 from importlib.metadata import PackageNotFoundError, version
 
 from . import chart, inputs, report
-from .cases import ALTERNATIVE, CASES, CASES_BY_NAME, RUNNERS, runners_of
+from .cases import ALL_CASES_BY_NAME, ALTERNATIVE, CASES, CASES_BY_NAME, RUNNERS, SCALE_CASES, SCALE_SIZES, runners_of
 from .worker import MARKER
 
 ROOT = inputs.BENCH_DIR.parent
@@ -39,6 +39,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                         "libraries' own choice. On a busy shared machine, 1 avoids stalls of oversubscribed threads")
     p.add_argument("--timeout", type=float, default=1200, help="seconds per worker process (default 1200)")
     p.add_argument("--out", default=str(inputs.RESULTS_DIR), help="where latest.{json,md,png} go")
+    p.add_argument("--scale", default="", metavar="SIZES",
+                   help="also run the scale series for these synthetic llama sizes (comma-separated: "
+                        f"{', '.join(SCALE_SIZES)}); heavy: a 7B checkpoint is 14 GB of disk, written once")
     p.add_argument("--list", action="store_true", help="list the cases and exit")
     p.add_argument("--render", metavar="JSON", help="rebuild the outputs from a saved latest.json (no runs)")
     a = p.parse_args(argv)
@@ -48,6 +51,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     unknown = [n for n in a.only if n not in CASES_BY_NAME]
     if unknown:
         p.error(f"unknown case(s) {unknown}; cases: {', '.join(CASES_BY_NAME)}")
+    a.scale = [n for n in a.scale.split(",") if n]
+    if [n for n in a.scale if n not in SCALE_SIZES]:
+        p.error(f"unknown --scale size(s) {a.scale}; sizes: {', '.join(SCALE_SIZES)}")
     if a.repeats < 1:
         p.error("--repeats must be >= 1")
     return a
@@ -61,7 +67,8 @@ def runner_status(cases, args, *, installed=inputs.installed) -> dict[str, dict]
             r = RUNNERS[name]
             missing = [m for m in r.requires if not installed(m)]
             if r.needs_gemma and not os.environ.get(inputs.GEMMA_ENV):
-                st = ("skipped", f"no gemma-3-270m GGUF here: pass --gemma-gguf PATH or set {inputs.GEMMA_ENV}")
+                st = ("skipped", f"no gemma-3-270m GGUF here: {inputs.GEMMA_INSTALL}, or pass --gemma-gguf PATH or "
+                             f"set {inputs.GEMMA_ENV}")
             elif r.side == ALTERNATIVE and args.no_alternatives:
                 st = ("skipped", "skipped (--no-alternatives)")
             elif missing:
@@ -131,7 +138,7 @@ def build_inputs(status: dict, timeout: float, log) -> dict[str, dict]:
     built = {}
     for name in [n for n in inputs.BUILDERS if n in needed]:     # bf16 before nf4
         if not inputs.ready(name):
-            log(f"building input {name} (once, cached under {inputs.CACHE_DIR}) ...")
+            log(f"building input {name} (once, then cached) ...")
         res = run_worker(f"input:{name}", timeout)
         built[name] = res
         if not res["ok"]:
@@ -201,6 +208,7 @@ def src_state() -> str:
 
 def _brief(metrics: dict) -> str:
     keys = [("seconds", "{:.2f} s"), ("peak_rss", None), ("tokens_per_s", "{:.1f} tok/s"),
+            ("tokens_prefill_per_s", "prefill {:.1f} tok/s"),
             ("copy_gb_per_s", "{:.2f} GB/s")]
     parts = []
     for k, f in keys:
@@ -222,16 +230,24 @@ def _log(msg: str) -> None:
 
 def measure(args, cases) -> tuple[dict, dict, dict, dict]:
     """Build the inputs, then run the schedule: (status, runs per runner, inputs built, meta)."""
+    gemma_note = None
     if args.gemma_gguf:
         os.environ[inputs.GEMMA_ENV] = os.path.abspath(args.gemma_gguf)
+    elif not os.environ.get(inputs.GEMMA_ENV) and any(RUNNERS[r].needs_gemma for c in cases for r in runners_of(c)):
+        try:   # the chunk packages scripts/setup.sh installs, concatenated once into .cache/
+            os.environ[inputs.GEMMA_ENV] = str(inputs.find_gemma_gguf())
+        except (OSError, ValueError) as e:
+            gemma_note = f"gemma-3-270m GGUF: {e}"
     if args.threads:
         os.environ["QUANTLOAD_BENCH_THREADS"] = str(args.threads)
     load_before = os.getloadavg()[0]
     status = runner_status(cases, args)
     built = build_inputs(status, args.timeout, _log)
     notes = [f"input {n}: {r['metrics']['made_by']}" for n, r in built.items() if r["ok"]]
+    if gemma_note:
+        notes.append(gemma_note)
     try:
-        warm_page_cache([inputs.smollm2_gguf(), inputs.bf16_dir(), inputs.nf4_dir(),
+        warm_page_cache([inputs.smollm2_gguf(), inputs.bf16_dir(), inputs.nf4_dir(), inputs.q4_k_gguf(),
                          *([inputs.gemma_gguf()] if inputs.gemma_gguf() else [])])
     except OSError as e:
         notes.append(f"page cache not warmed: {e}")
@@ -288,15 +304,20 @@ def main(argv=None) -> int:
     if args.list:
         for c in CASES:
             print(f"{c.name:24} {c.title}")
+        for size, cs in SCALE_CASES.items():
+            for c in cs:
+                print(f"{c.name:24} {c.title} (--scale {size})")
         return 0
     if args.render:   # redo the table, JSON and chart from a saved run: no measurement
         saved = json.loads(pathlib.Path(args.render).read_text())
-        cases = [CASES_BY_NAME[n] for n in saved["cases"] if n in CASES_BY_NAME]
+        cases = [ALL_CASES_BY_NAME[n] for n in saved["cases"] if n in ALL_CASES_BY_NAME]
         status = {n: {"state": r["state"], "reason": r["reason"]} for n, r in saved["runners"].items()}
         runs = {n: r["runs"] for n, r in saved["runners"].items()}
         print(write_outputs(pathlib.Path(args.out), cases, status, runs, saved.get("inputs", {}), saved["meta"]))
         return 0
     cases = [CASES_BY_NAME[n] for n in args.only] if args.only else list(CASES)
+    if args.scale:   # --scale alone runs the series alone; with --only, beside those cases
+        cases = (cases if args.only else []) + [c for size in args.scale for c in SCALE_CASES[size]]
     if any(m.key.endswith(".gb_per_s") for c in cases for m in c.metrics) and CASES_BY_NAME["memcpy"] not in cases:
         cases.insert(0, CASES_BY_NAME["memcpy"])   # kernels' bytes moved are read against memcpy
     print(write_outputs(pathlib.Path(args.out), cases, *measure(args, cases)))

@@ -34,8 +34,8 @@ def run(name: str) -> dict:
         from . import inputs
         return inputs.BUILDERS[name.split(":", 1)[1]]()
     from .cases import RUNNERS
-    module, fn = RUNNERS[name].fn.split(":")
-    return getattr(importlib.import_module(f"bench.{module}"), fn)()
+    module, fn, *args = RUNNERS[name].fn.split(":")   # "module:function[:argument]"
+    return getattr(importlib.import_module(f"bench.{module}"), fn)(*args)
 
 
 def main(argv: list[str]) -> int:

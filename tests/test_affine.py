@@ -57,7 +57,7 @@ def test_unpack_stream_uint8_output_matches_int32(bits):
 
 
 def test_gptq_three_bit_reference_words():
-    """formats.md §3.3: 32 three-bit fields of value 3 are the words 0xDB6DB6DB, 0xB6DB6DB6, 0x6DB6DB6D."""
+    """docs/formats.md §3.3: 32 three-bit fields of value 3 are the words 0xDB6DB6DB, 0xB6DB6DB6, 0x6DB6DB6D."""
     words = pack_stream(torch.full((32,), 3), 3)
     assert [w & 0xFFFFFFFF for w in words.tolist()] == [0xDB6DB6DB, 0xB6DB6DB6, 0x6DB6DB6D]
     assert unpack_stream(words, 3, 32).tolist() == [3] * 32

@@ -1,5 +1,5 @@
 """AWQ: the AutoAWQ GEMM fixture, and GEMV / zero_point=False layouts made with packers written here from
-AutoAWQ's WQLinear_GEMM/GEMV.from_linear loops (formats.md §4), cross-checked against the fixture's bytes."""
+AutoAWQ's WQLinear_GEMM/GEMV.from_linear loops (docs/formats.md §4), cross-checked against the fixture's bytes."""
 import json
 
 import numpy as np
@@ -81,7 +81,7 @@ def test_fixture_decodes_exactly_and_encodes_back(fixtures_dir):
 
 
 def test_worked_example_word():
-    """formats.md §4.1: columns 0..7 = [8,0,5,2,7,1,4,13] pack to 0xd1204758."""
+    """docs/formats.md §4.1: columns 0..7 = [8,0,5,2,7,1,4,13] pack to 0xd1204758."""
     word = torch.tensor([[0xD1204758 - (1 << 32)]], dtype=torch.int32)
     assert unpack_awq_gemm(word, 8).tolist() == [[8, 0, 5, 2, 7, 1, 4, 13]]
 

@@ -103,7 +103,7 @@ def test_a_library_changed_mid_run_is_flagged():
 
 
 def test_token_agreement_note():
-    ql = report.summarize([_ok(tokens_per_s=6.0, tokens=[1, 2, 3])])
+    ql = report.summarize([_ok(tokens_per_s=8.0, tokens=[1, 2, 3])])
     same = report.summarize([_ok(tokens_per_s=2.0, tokens=[1, 2, 3])])
     other = report.summarize([_ok(tokens_per_s=2.0, tokens=[1, 9, 3])])
     case = CASES_BY_NAME["decode_nf4"]
@@ -156,3 +156,105 @@ def test_chart_is_drawn(tmp_path):
     assert chart.draw(rows, str(tmp_path / "c.png")) is None
     assert (tmp_path / "c.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert chart.draw([], str(tmp_path / "none.png")) is not None
+
+
+# --- issue #10's runners: llama.cpp, the gemma file, the scale series -----------------------------------
+from bench import inputs, worker  # noqa: E402
+from bench.cases import SCALE_CASES, Runner  # noqa: E402
+
+
+def test_gguf_parts_are_assembled_once_and_checked(tmp_path):
+    import hashlib
+    parts = []
+    for i, data in enumerate((b"GGUF" + b"a" * 100, b"b" * 50, b"c" * 7)):
+        parts.append(tmp_path / f"m.gguf.part{i:02d}")
+        parts[-1].write_bytes(data)
+    whole = b"".join(p.read_bytes() for p in parts)
+    out = tmp_path / "cache" / "m.gguf"
+    with pytest.raises(ValueError, match="sha256"):
+        inputs.assemble_gguf(parts, out, "0" * 64)
+    assert not out.exists() and list(out.parent.iterdir()) == []          # nothing half-written left
+    assert inputs.assemble_gguf(parts, out, hashlib.sha256(whole).hexdigest()) == out
+    assert out.read_bytes() == whole
+    parts[2].write_bytes(b"d" * 7)                                         # same size: taken as made before
+    assert inputs.assemble_gguf(parts, out, "not checked again").read_bytes() == whole
+
+
+def test_bench_threads_follow_the_flag(monkeypatch):
+    monkeypatch.setenv(inputs.THREADS_ENV, "3")
+    assert inputs.bench_threads() == 3
+    monkeypatch.delenv(inputs.THREADS_ENV)
+    assert 1 <= inputs.bench_threads() <= (__import__("os").cpu_count() or 1)
+    assert len(inputs.prefill_text().split()) > inputs.PREFILL_TOKENS     # enough text for 256 tokens
+
+
+def test_llamacpp_cases_compare_the_same_metric_and_need_llama_cpp():
+    for name in ("llamacpp_decode_smollm2", "llamacpp_prefill_smollm2", "llamacpp_decode_gemma",
+                 "llamacpp_prefill_gemma"):
+        case = CASES_BY_NAME[name]
+        assert RUNNERS[case.alternative].requires == ("llama_cpp",)
+        assert case.metrics[0].target == 0.5
+    args = argparse.Namespace(quick=False, no_alternatives=False)
+    st = run.runner_status([CASES_BY_NAME["llamacpp_decode_smollm2"]], args, installed=lambda m: m != "llama_cpp")
+    assert st["ql.decode_smollm2"]["state"] == "ran"
+    assert st["llama.decode_smollm2"] == {"state": "unavailable", "reason": "not installed: pip install llama_cpp"}
+    tok = CASES_BY_NAME["llamacpp_prefill_smollm2"].metrics[0]
+    assert report.fmt_value(tok, 123.4) == "123.4 tok/s" and report.ratio(tok, 60.0, 100.0) == 0.6
+
+
+def test_every_runner_names_a_function_of_the_bench():
+    import importlib
+    for r in RUNNERS.values():
+        module, fn, *args = r.fn.split(":")
+        assert callable(getattr(importlib.import_module(f"bench.{module}"), fn)), r.fn
+        assert len(args) <= 1
+        assert all(n in inputs.BUILDERS for n in r.needs), r.name
+
+
+def test_worker_passes_the_runner_argument(monkeypatch):
+    monkeypatch.setitem(RUNNERS, "t.scale_dir", Runner("t.scale_dir", "inputs:scale_dir:7b", "quantload", "t"))
+    assert worker.run("t.scale_dir") == inputs.scale_dir("7b")
+
+
+def test_scale_series_only_behind_its_flag():
+    assert not any(c.name.startswith("scale_") for c in CASES_BY_NAME.values())
+    a = run.parse_args(["--scale", "1.5b,7b"])
+    assert a.scale == ["1.5b", "7b"]
+    with pytest.raises(SystemExit):
+        run.parse_args(["--scale", "13b"])
+    cases = SCALE_CASES["1.5b"]
+    assert [c.name for c in cases] == ["scale_nf4_1.5b", "scale_gguf_1.5b"]
+    assert {"scale_1.5b", "scale_1.5b_gguf"} <= set(RUNNERS[cases[1].quantload].needs)
+    order = list(inputs.BUILDERS)
+    assert order.index("bf16") < order.index("scale_1.5b") < order.index("scale_1.5b_gguf")
+
+
+@pytest.mark.parametrize("size", ["tiny", "1.5b", "7b"])
+def test_scale_checkpoint_has_the_tensors_of_its_llama(size):
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+    from bench import scale
+    c = inputs.SCALE_CONFIGS[size]
+    cfg = LlamaConfig(vocab_size=inputs.SCALE_VOCAB, hidden_size=c["hidden"], intermediate_size=c["intermediate"],
+                      num_hidden_layers=c["layers"], num_attention_heads=c["heads"], num_key_value_heads=c["kv_heads"],
+                      tie_word_embeddings=False)
+    with torch.device("meta"):
+        model = LlamaForCausalLM(cfg)
+    expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    assert dict(scale._tensors(c)) == expected
+    assert scale.parameter_count(size) == sum(p.numel() for p in model.parameters())
+
+
+def test_awq_input_packs_as_quantload_reads_autoawq():
+    import torch
+    from quantload.schemes.awq import AWQScheme
+    w = torch.randn(16, 128, generator=torch.Generator().manual_seed(0))
+    q, z, s = inputs.awq_rtn(w)
+    assert q.min() >= 0 and q.max() <= 15 and z.min() >= 0 and z.max() <= 15
+    scheme = AWQScheme(inputs.AWQ_GROUP, version="gemm", zero_point=True, bits=4)
+    qt = scheme.decode({"qweight": inputs.awq_pack_gemm(q.t().contiguous()),
+                        "qzeros": inputs.awq_pack_gemm(z.t().contiguous()), "scales": s.t().contiguous()},
+                       shape=(16, 128))
+    expected = (q.reshape(16, 2, 64).half() - z[..., None].half()) * s[..., None]   # AutoAWQ's (q - z) * s
+    assert torch.equal(scheme.dequantize(qt, torch.float32), expected.reshape(16, 128).float())
+    assert (scheme.dequantize(qt, torch.float32) - w).abs().max() <= s.float().max() * 0.51   # round to nearest

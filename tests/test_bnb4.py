@@ -229,27 +229,130 @@ def test_non_finite_weights_quantize_as_bnb(dtype):
         assert ours.data["absmax"].isnan().tolist() == [False, True, True]
 
 
-@pytest.mark.parametrize("x_dtype,compute", [(torch.float32, None), (torch.bfloat16, None), (torch.float16, None),
-                                             (torch.float16, torch.float32), (torch.bfloat16, torch.float16),
-                                             (torch.float16, torch.bfloat16)])
-def test_linear_matches_linear4bit(x_dtype, compute):
-    w = random_weight((96, 256), torch.bfloat16, seed=11)
-    bias = torch.randn(96, dtype=torch.bfloat16)
+LINEAR_CASES = [(torch.float32, None), (torch.bfloat16, None), (torch.float16, None), (torch.float16, torch.float32),
+                (torch.bfloat16, torch.float16), (torch.float16, torch.bfloat16)]
+
+
+def linear4bit(w, bias, compute, packed_path: bool):
+    """A Linear4bit holding w (nf4, double quant). `packed_path=False` keeps bnb on its generic path
+    (dequantize, then F.linear) even where it would take its AVX512-BF16 kernel (the flag its forward reads)."""
     lin = bnb.nn.Linear4bit(256, 96, bias=True, compute_dtype=compute, compress_statistics=True, quant_type="nf4")
     lin.weight = bnb.nn.Params4bit(w.clone(), requires_grad=False, compress_statistics=True, quant_type="nf4")
     lin.bias = torch.nn.Parameter(bias.clone(), requires_grad=False)
     lin = lin.to("cpu").eval()
+    lin.support_avx512bf16_for_cpu = lin.support_avx512bf16_for_cpu and packed_path
+    return lin
+
+
+@pytest.mark.parametrize("x_dtype,compute", LINEAR_CASES)
+def test_linear_matches_linear4bit(x_dtype, compute):
+    """Ours equals Linear4bit's generic path bit for bit, on any CPU. That is the path bnb takes on CPUs
+    without AVX512-BF16; where bnb has that kernel (has_avx512bf16()), see the next test."""
+    w = random_weight((96, 256), torch.bfloat16, seed=11)
+    bias = torch.randn(96, dtype=torch.bfloat16)
+    lin = linear4bit(w, bias, compute, packed_path=False)
     scheme = Bnb4Scheme("nf4", 64, True, compute_dtype=compute)
     qt = scheme.decode({k: v for k, v in lin.state_dict().items() if k != "bias"}, shape=(96, 256))
     x = torch.randn(3, 5, 256).to(x_dtype)
     with torch.no_grad():
         theirs = lin(x)
+    assert not getattr(lin.weight.quant_state, "packing_format_for_cpu", False)   # bnb took its generic path
     ours = scheme.linear(x, qt, bias)
     assert ours.dtype == theirs.dtype == x_dtype
-    if BF.has_avx512bf16():  # bnb then runs its own bf16 CPU kernel, which rounds differently
-        torch.testing.assert_close(ours, theirs, rtol=2e-2, atol=2e-2)
+    assert torch.equal(ours, theirs)
+
+
+def _round_like_bnb_packed_kernel(acc, x_dtype, compute, bias):
+    """What Linear4bit.forward does after its bf16 kernel: kernel output bfloat16, cast to the compute
+    dtype's input dtype, `+= bias` (bias cast to that dtype), then to the input dtype. Monotonic in acc."""
+    mid = x_dtype if compute is None else compute
+    out = acc.to(torch.bfloat16).to(mid)
+    out = out + bias.to(mid)
+    return out.to(x_dtype)
+
+
+@pytest.mark.parametrize("x_dtype,compute", LINEAR_CASES)
+def test_linear4bit_avx512bf16_kernel_against_its_own_math(x_dtype, compute):
+    """Where bnb has its AVX512-BF16 kernel, Linear4bit.forward (eval, no grad) converts the weight with
+    `_convert_weight_packed_for_cpu` (absmax: double quant undone, rounded to bfloat16, transposed) and
+    runs `gemv_4bit_inference_cpu_nf4_bf16`: the input rounded to bfloat16, code (as bfloat16) x absmax
+    (bfloat16), float32 accumulation, a bfloat16 result. The reference does the same math with exact
+    (float64) accumulation; the kernel's own float32 summation order moves the sum by at most
+    K * 2^-24 * sum|x*w|, which can change the final bfloat16 rounding by one step, and only that slack
+    is allowed. Skipped (with the reason) on CPUs where bnb takes the generic path checked above."""
+    if not BF.has_avx512bf16():
+        pytest.skip("this CPU has no AVX512-BF16: bnb runs its generic path (test_linear_matches_linear4bit)")
+    hub_kernel = getattr(bnb.backends.cpu.ops, "gemm_4bit_forward_kernel", None)
+    if hub_kernel is not None:
+        pytest.skip("bnb loaded the kernels-community gemm_4bit_forward kernel, whose math is not bnb's own")
+    w = random_weight((96, 256), torch.bfloat16, seed=11)
+    bias = torch.randn(96, dtype=torch.bfloat16)
+    lin = linear4bit(w, bias, compute, packed_path=True)
+    state = lin.weight.quant_state
+    absmax = BF.dequantize_blockwise(state.absmax, state.state2) + state.offset   # what the conversion decodes
+    codes = lin.weight.data.view(-1)
+    nib = torch.stack([codes >> 4, codes & 15], 1).view(-1).long()
+    table = BF.get_4bit_type("nf4", device="cpu").to(torch.bfloat16).double()
+    wq = (table[nib].view(-1, 64) * absmax.to(torch.bfloat16).double().unsqueeze(1)).view(96, 256)
+    x = torch.randn(3, 5, 256).to(x_dtype)
+    with torch.no_grad():
+        theirs = lin(x)
+    assert lin.weight.quant_state.packing_format_for_cpu   # bnb took its packed AVX512-BF16 path
+    xb = x.to(compute or x_dtype).to(torch.bfloat16).double()   # forward casts to compute, the kernel to bf16
+    exact = xb @ wq.T
+    slack = 256 * 2.0 ** -24 * (xb.abs() @ wq.abs().T)
+    lo = _round_like_bnb_packed_kernel((exact - slack).float(), x_dtype, compute, bias)
+    hi = _round_like_bnb_packed_kernel((exact + slack).float(), x_dtype, compute, bias)
+    assert theirs.dtype == x_dtype
+    assert ((theirs >= lo) & (theirs <= hi)).all()
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).removeprefix("torch."))
+@pytest.mark.parametrize("dq", [False, True], ids=["nodq", "dq"])
+@pytest.mark.parametrize("quant_type", ["nf4", "fp4"])
+def test_state_as_bnb_saves_it_after_its_avx512bf16_forward(quant_type, dq, dtype):
+    """Linear4bit.forward on an AVX512-BF16 CPU converts the weight with `_convert_weight_packed_for_cpu`;
+    its save undoes that with `_convert_weight_packed_for_cpu_inverse`. Both are plain torch, so the state
+    they leave is built here with bnb's own functions on any CPU. With double quant bnb re-quantizes the
+    bfloat16-rounded absmax in the weight's dtype (nested_dtype that dtype): decoded bit-exact as bnb
+    decodes it and re-encoded to the same bytes. Without, the absmax stays bfloat16 [K/blocksize, N]:
+    repaired with a warning to the values bnb's kernel used, and never written back in that layout."""
+    w = random_weight((96, 256), dtype, seed=21)
+    q, state = BF.quantize_4bit(w, blocksize=64, compress_statistics=dq, quant_type=quant_type)
+    absmax = BF.dequantize_blockwise(state.absmax, state.state2) + state.offset if dq else state.absmax.clone()
+    plain = BF.QuantState(absmax=absmax.to(torch.bfloat16).float(), shape=state.shape, code=state.code,
+                          blocksize=64, quant_type=quant_type, dtype=dtype)
+    expected = BF.dequantize_4bit(q, plain)                  # codes x the bfloat16 absmax bnb's kernel used
+    packed, pstate = BF._convert_weight_packed_for_cpu(q.clone(), state)
+    q2, state2 = BF._convert_weight_packed_for_cpu_inverse(packed, pstate)
+    assert torch.equal(q2, q)
+    pieces = bnb_pieces(q2, state2)
+    blob = json.loads(bytes(pieces[f"weight.quant_state.bitsandbytes__{quant_type}"].tolist()))
+    qt = Bnb4Scheme().decode(dict(pieces), shape=(96, 256), file="m.safetensors", prefix="l")
+    if dq:
+        assert blob["nested_dtype"] == str(dtype).removeprefix("torch.")
+        assert qt.meta["warnings"] == []
+        assert torch.equal(qt.dequantize(), BF.dequantize_4bit(q2, state2))   # bnb reloads this one right
+        assert_same_pieces(qt.encode(), pieces)
     else:
-        assert torch.equal(ours, theirs)
+        assert pieces["weight.absmax"].dtype == torch.bfloat16 and pieces["weight.absmax"].shape == (4, 96)
+        assert len(qt.meta["warnings"]) == 1 and "'l.weight.absmax'" in qt.meta["warnings"][0]
+        assert "repaired" in qt.meta["warnings"][0]
+        assert torch.equal(qt.dequantize(), expected)
+        out = qt.encode()
+        assert out["weight.absmax"].dtype == torch.float32 and out["weight.absmax"].shape == (384,)
+        assert torch.equal(out["weight.absmax"], plain.absmax)
+
+
+def test_bfloat16_absmax_of_another_shape_is_refused(good):
+    """Only the exact packed layout is repaired: a bfloat16 absmax [N, K/blocksize] (not transposed) or a
+    float32 2-D one is refused as before."""
+    w = random_weight((96, 256), torch.bfloat16, seed=5)
+    pieces = Bnb4Scheme("nf4", 64, False).quantize(w).encode()
+    for bad in (pieces["weight.absmax"].view(96, 4).to(torch.bfloat16), pieces["weight.absmax"].view(4, 96)):
+        with pytest.raises(ShapeMismatchError) as e:
+            Bnb4Scheme().decode({**pieces, "weight.absmax": bad}, shape=(96, 256), file="f", prefix="p")
+        assert e.value.key == "p.weight.absmax"
 
 
 def test_present():
@@ -351,8 +454,15 @@ BAD = {
                                           QuantStateError, QS, "no nested_blocksize"),
     "nested json half present": (lambda p: with_json(p, nested_offset=None), QuantStateError, QS,
                                  "without ['nested_offset']"),
-    "nested_dtype unsupported": (lambda p: with_json(p, nested_dtype="float16"), UnsupportedError, QS,
-                                 "nested_dtype 'float16'"),
+    "nested_dtype unsupported": (lambda p: with_json(p, nested_dtype="float64"), UnsupportedError, QS,
+                                 "nested_dtype 'float64'"),
+    "nested_dtype not a string": (lambda p: with_json(p, nested_dtype=32), UnsupportedError, QS,
+                                  "nested_dtype 32"),
+    "nested_blocksize huge": (lambda p: with_json(p, nested_blocksize=2 ** 40), UnsupportedError, QS,
+                              "nested_blocksize 1099511627776"),
+    "json nested 100000 deep": (lambda p: {**p, QS: torch.tensor(list(b"[" * 100_000 + b"]" * 100_000),
+                                                                 dtype=torch.uint8)},
+                                QuantStateError, QS, "nested too deeply"),
     "nested_offset not a number": (lambda p: with_json(p, nested_offset="0.5"), QuantStateError, QS,
                                    "finite number"),
     "nested_absmax length": (lambda p: {**p, "weight.nested_absmax": p["weight.nested_absmax"][:1]},

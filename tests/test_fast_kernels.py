@@ -9,6 +9,7 @@ float32 and rounds the output to bfloat16 (2^-9 of |y| <= |x| @ |W|^T); 2^-7 cov
 NF4/FP4 add their table's rounding to the integer grid: half a grid step times the block absmax.
 """
 import json
+import pathlib
 import subprocess
 import sys
 
@@ -26,6 +27,8 @@ from quantload.schemes.gguf.scheme import gguf_scheme
 from quantload.schemes.gptq import GPTQScheme
 from quantload.schemes.intpack import pack_stream, packed_len
 
+SRC = str(pathlib.Path(quantload.__file__).resolve().parents[1])   # this checkout, for subprocesses
+
 # fixture -> the kernel it must get
 FIXTURE_KERNELS = {
     "awq_gemm_b4_g128": "int4pack g128",
@@ -38,19 +41,20 @@ FIXTURE_KERNELS = {
     "gptq_v1_b4_g128_sym": "int4pack g128",
     "gptq_v1_b8_g-1_sym": "int8pack",
     "bnb_int8_96x256_float16": "int8pack",
-    "bnb_nf4_dq_96x256_bfloat16": "int8pack",
-    "bnb_nf4_nodq_96x256_bfloat16": "int8pack",
-    "bnb_fp4_nodq_96x256_bfloat16": "int8pack",
+    "bnb_nf4_dq_96x256_bfloat16": "int8pack rows x2 planes",
+    "bnb_nf4_nodq_96x256_bfloat16": "int8pack rows x2 planes",
+    "bnb_fp4_nodq_96x256_bfloat16": "int8pack rows x2 planes",
+    "hqq_b4_g64_axis1": "int8pack rows x2 planes",
+    "quanto_qint4": "int8pack rows x2 planes",
 }
-NOT_ELIGIBLE = {"bnb_nf4_nodq_7x9_float16": "do not tile the rows", "hqq_b4_g64_axis1": None,
-                "quanto_qint4": None}
+NOT_ELIGIBLE = {"bnb_nf4_nodq_7x9_float16": "do not tile the rows"}
 
 
 @pytest.fixture(autouse=True)
 def fast_on():
-    previous = kernels.set_fast_kernels(True)
+    previous = quantload.set_exact(False)
     yield
-    kernels.set_fast_kernels(previous)
+    quantload.set_exact(previous)
 
 
 def _fixture_qtensor(fixtures_dir, name):
@@ -71,12 +75,16 @@ def _fixture_qtensor(fixtures_dir, name):
     return sd["layer.weight"]
 
 
-def _grid_error(qt) -> torch.Tensor | None:
-    """NF4/FP4 are requantized to int8 per row: half a step, the row's largest |w| / 127 rounded up to a
-    bfloat16 (at most 2^-7 more), per weight; else None."""
-    if not isinstance(qt.scheme, bnb4.Bnb4Scheme):
+def _grid_error(qt, kernel=None) -> torch.Tensor | None:
+    """NF4/FP4 (and every weight the int8 kernel takes requantized) are requantized to int8 per row:
+    half a step, the row's largest |w| (NF4/FP4: block absmax) / 127 rounded up to a bfloat16 (at most
+    2^-7 more), per weight; else None."""
+    if isinstance(qt.scheme, bnb4.Bnb4Scheme):
+        rowmax = qt.scheme.block_absmax(qt).double().view(qt.shape[0], -1).amax(1, keepdim=True)
+    elif kernel is not None and kernel.requantized:
+        rowmax = qt.dequantize(torch.float32).double().abs().amax(1, keepdim=True)
+    else:
         return None
-    rowmax = qt.scheme.block_absmax(qt).double().view(qt.shape[0], -1).amax(1, keepdim=True)
     return (rowmax / 127 * (1 + 2.0 ** -7) / 2).expand(qt.shape)
 
 
@@ -126,8 +134,8 @@ def test_fixture_packs_keeps_bytes_and_stays_close(fixtures_dir, name):
     y = prepared.scheme.linear(x, prepared, bias)
     assert y.shape == (2, 3, qt.shape[0]) and y.dtype == torch.float32
     assert torch.equal(y, kernel(x, bias))                 # the scheme's linear ran the kernel
-    assert_within_tolerance(y - bias, x, w, _grid_error(qt))
-    assert_kernel_weight_matches(kernel, w, _grid_error(qt))
+    assert_within_tolerance(y - bias, x, w, _grid_error(qt, kernel))
+    assert_kernel_weight_matches(kernel, w, _grid_error(qt, kernel))
 
 
 @pytest.mark.parametrize("name", sorted(NOT_ELIGIBLE))
@@ -158,27 +166,33 @@ def test_switch_restores_the_exact_path_bit_for_bit():
     with torch.inference_mode():
         fast = mod(x)
         assert not torch.equal(fast, exact)                 # bfloat16 kernel: not the same bits
-        assert kernels.set_fast_kernels(False) is True
+        assert quantload.set_exact(True) is False
+        assert quantload.exact_enabled()
         assert torch.equal(mod(x), exact)
-        kernels.set_fast_kernels(True)
+        quantload.set_exact(False)
         assert torch.equal(mod(x), fast)
+        # the deprecated switch still works (bench/ and scripts/gpu_check.py call it)
+        assert kernels.set_fast_kernels(False) is True and torch.equal(mod(x), exact)
+        assert kernels.set_fast_kernels(True) is False and torch.equal(mod(x), fast)
 
 
 def test_loads_while_switched_off_do_not_repack():
     scheme, qt = _ct_int4()
-    kernels.set_fast_kernels(False)
+    quantload.set_exact(True)
     prepared = scheme.prepare_runtime(qt)
     assert not {kernels.FAST_KEY, kernels.SKIP_KEY, kernels.PENDING_KEY} & set(prepared.meta)
-    kernels.set_fast_kernels(True)
+    assert kernels.choice_of(prepared).kernel == "exact"
+    quantload.set_exact(False)
     x = torch.randn(2, qt.shape[1])
     assert torch.equal(scheme.linear(x, prepared, None), F.linear(x, qt.dequantize(torch.float32)))
 
 
-def test_off_by_default_and_on_by_environment():
+def test_on_by_default_and_exact_by_environment():
     code = "import quantload.runtime.kernels as k; print(k.fast_kernels_enabled())"
-    for env, expected in (({}, "False"), ({"QUANTLOAD_FAST_KERNELS": "1"}, "True"),
+    for env, expected in (({}, "True"), ({"QUANTLOAD_FAST_KERNELS": "1"}, "True"),
+                          ({"QUANTLOAD_FAST_KERNELS": "0"}, "False"),
                           ({"QUANTLOAD_FAST_KERNELS": "1", "QUANTLOAD_EXACT": "1"}, "False")):
-        out = subprocess.run([sys.executable, "-c", code], env={**env, "OMP_NUM_THREADS": "1"},
+        out = subprocess.run([sys.executable, "-c", code], env={**env, "OMP_NUM_THREADS": "1", "PYTHONPATH": SRC},
                              capture_output=True, text=True, check=True).stdout
         assert out.strip() == expected, env
 
@@ -210,13 +224,17 @@ def test_large_batches_grad_and_other_devices_take_the_exact_path():
 
 
 # --- shapes and groups ------------------------------------------------------------------------------------
-def test_group_sizes_the_kernel_cannot_take_fall_back():
+def test_group_sizes_the_int4_kernel_cannot_take_are_requantized_to_int8():
     scheme, qt = _ct_int4(group=16)
     prepared = scheme.prepare_runtime(qt)
-    assert kernels.packed_kernel(prepared) is None
-    assert "group size 16 is not a multiple of 32" in prepared.meta[kernels.SKIP_KEY]
+    kernel = kernels.packed_kernel(prepared)
+    assert kernel.describe() == "int8pack rows x2 planes"
+    choice = kernels.choice_of(prepared)
+    assert choice.kernel == "int8pack rows x2 planes"
+    assert "group size 16 is not a multiple of 32" in choice.not_taken["int4pack"]
     x = torch.randn(2, qt.shape[1])
-    assert torch.equal(scheme.linear(x, prepared, None), F.linear(x, qt.dequantize(torch.float32)))
+    w = qt.dequantize(torch.float32)
+    assert_within_tolerance(scheme.linear(x, prepared, None), x, w, _grid_error(qt, kernel))
 
 
 @pytest.mark.parametrize("n_out, n_in, group, kind", [
@@ -264,8 +282,8 @@ def test_gptq_act_order_permutes_the_inputs():
     bad[bad == 1] = 0
     qt_bad = scheme.decode({**{k: v for k, v in qt.data.items() if k != "g_idx"}, "g_idx": bad}, shape=(n_out, n_in))
     bad_prepared = scheme.prepare_runtime(qt_bad)
-    assert kernels.packed_kernel(bad_prepared) is None
-    assert "does not put 32 input columns in each group" in bad_prepared.meta[kernels.SKIP_KEY]
+    assert kernels.packed_kernel(bad_prepared).describe() == "int8pack rows x2 planes"      # the exact weight, requantized
+    assert "does not put 32 input columns in each group" in kernels.choice_of(bad_prepared).not_taken["int4pack"]
 
 
 @pytest.mark.parametrize("type_name, kind", [("Q4_0", "int4pack g32"), ("Q4_1", "int4pack g32"),
@@ -283,12 +301,7 @@ def test_gguf_legacy_blocks(type_name, kind):
     x = torch.randn(4, 128)
     assert_within_tolerance(scheme.linear(x, prepared, None), x, qt.dequantize(torch.float32))
     assert_kernel_weight_matches(kernels.packed_kernel(prepared), qt.dequantize(torch.float32))
-    # K-quants have no packed form: the exact path
-    q4k = gguf_scheme(next(t.id for t in GGML_TYPES.values() if t.name == "Q4_K"))
-    k_qt = q4k.decode({"weight": torch.zeros(48 * 144, dtype=torch.uint8)}, shape=(48, 256))
-    k_prepared = q4k.prepare_runtime(k_qt)
-    assert kernels.packed_kernel(k_prepared) is None
-    assert "Q4_K blocks have no packed kernel" in k_prepared.meta[kernels.SKIP_KEY]
+
 
 
 # --- a tiny model end to end ---------------------------------------------------------------------------
@@ -305,17 +318,19 @@ def tiny_checkpoint(tmp_path_factory):
 
 
 @pytest.mark.parametrize("quantize, kind", [(ct_config(4, group_size=32, symmetric=False), "int4pack g32"),
-                                            ("nf4", "int8pack")])
+                                            ("nf4", "int8pack rows x2 planes")])
 def test_tiny_model_logits_fast_vs_exact(tiny_checkpoint, quantize, kind):
     model = quantload.load(tiny_checkpoint, quantize=quantize, dtype="float32", progress=False)
     linears = [m for _, m in qtensors_of(model) if isinstance(m, QLinear)]
     assert len(linears) == 14                                # 7 per layer; lm_head is left dense
     assert not any(kernels.FAST_KEY in m.qweight.meta for m in linears)    # repacked on first use
+    assert set(model.load_report.kernel_counts()) == {"pending"}
     ids = torch.randint(0, 256, (1, 8), generator=torch.Generator().manual_seed(0))   # <= max_rows: fast
     with torch.inference_mode():
         fast = model(ids).logits
         assert {m.qweight.meta[kernels.FAST_KEY].describe() for m in linears} == {kind}
-        kernels.set_fast_kernels(False)
+        assert model.load_report.kernel_counts() == {kind: 14}        # the report's live entries
+        quantload.set_exact(True)
         exact = model(ids).logits
     d = (fast - exact).abs()
     # measured: mean |diff| ~1e-3 of the logits' spread; printed for the record (pytest -s)
@@ -349,14 +364,30 @@ def test_repacked_on_first_use_only():
     assert kernel.nbytes == sum(t.numel() * t.element_size() for t in (kernel.packed, kernel.scales_zeros))
 
 
-def test_nf4_int8_rows_bound_and_bfloat16_scales():
+def test_nf4_int8_rows_two_planes_hold_the_residual():
+    """w = s * (c1 + c2 / 128): within s / 256 (half a step of the residual plane) of the exact weight."""
+    w = torch.randn(40, 128, generator=torch.Generator().manual_seed(5))
+    scheme = bnb4.Bnb4Scheme("nf4", 64)
+    qt = scheme.quantize(w)
+    kernel = kernels.packed_kernel(scheme.prepare_runtime(qt))
+    assert kernel.describe() == "int8pack rows x2 planes" and kernel.weight.shape == (40, 256)
+    c1, c2 = kernel.weight[:, :128].double(), kernel.weight[:, 128:].double()
+    s = kernel.scales.double().unsqueeze(1)
+    err = (s * (c1 + c2 / 128) - qt.dequantize(torch.float32).double()).abs()
+    assert bool((err <= s / 256 * (1 + 1e-6)).all()) and int(c2.abs().max()) <= 64
+    x = torch.randn(3, 128, generator=torch.Generator().manual_seed(6))
+    assert_within_tolerance(kernel(x, None), x, qt.dequantize(torch.float32), s.expand(40, 128) / 256)
+
+
+def test_nf4_int8_rows_bound_and_bfloat16_scales(monkeypatch):
+    monkeypatch.setattr(kernels, "INT8_ROW_PLANES", 1)      # one plane: the bound of the plain requantization
     w = torch.randn(40, 128, generator=torch.Generator().manual_seed(5))
     w[3] = 0                                                # an all-zero row
     w[7, :64] *= 100                                        # one large block: its row's scale grows
     scheme = bnb4.Bnb4Scheme("nf4", 64)
     qt = scheme.quantize(w)
     kernel = kernels.packed_kernel(scheme.prepare_runtime(qt))
-    assert kernel.describe() == "int8pack" and kernel.weight.dtype == torch.int8
+    assert kernel.describe() == "int8pack rows" and kernel.weight.dtype == torch.int8
     exact = qt.dequantize(torch.float32).double()
     rowmax = scheme.block_absmax(qt).view(40, 2).amax(1).double()
     scale = kernel.scales.double()
@@ -365,7 +396,9 @@ def test_nf4_int8_rows_bound_and_bfloat16_scales():
     assert bool((err <= scale.unsqueeze(1) / 2 * (1 + 1e-6)).all())
     assert bool((kernel.weight[3] == 0).all()) and int(kernel.weight.abs().max()) == 127
     bad = scheme.prepare_runtime(scheme.quantize(torch.randn(4, 96)))      # 96 inputs: blocks of 64 straddle rows
-    assert kernels.packed_kernel(bad) is None and "do not tile the rows" in bad.meta[kernels.SKIP_KEY]
+    # ... so the int8 rows come from the exact weight instead of the block absmax
+    assert kernels.packed_kernel(bad).describe() == "int8pack rows"
+    assert "do not tile the rows" in kernels.choice_of(bad).not_taken["int4pack"]
     # the int8 kernel's short call (no bias, no permutation) is the general path, bit for bit
     x = torch.randn(2, 3, 128, generator=torch.Generator().manual_seed(6))
     y = kernel(x, None)

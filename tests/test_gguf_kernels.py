@@ -99,7 +99,7 @@ def test_fp4_scale_codes_all_256_values():
     assert torch.equal(ue4m3_to_fp32_half(t), torch.from_numpy(want_ue4m3))
 
 
-# --- types gguf-py cannot decode: against the numpy reference of gguf.md 2.3 (checked there vs ggml C) --
+# --- types gguf-py cannot decode: against the numpy reference of docs/gguf.md 2.3 (checked there vs ggml C) --
 def _f16(b):
     return b.copy().view(np.float16).astype(np.float32)
 

@@ -222,7 +222,7 @@ def test_tiny_llama_every_type(qname, tiny_tokenizer, tmp_path):
     assert "general.alignment" not in r.fields          # default 32 is not written, as gguf-py does
     assert list(r.fields)[3:5] == ["general.architecture", "general.type"]
 
-    loaded = quantload.load(str(out), progress=False)
+    loaded = quantload.load(str(out), progress=False, exact=True)     # the file's numerics, bit for bit
     got = logits_of(loaded, IDS)
     assert rel_err(logits_of(roundtrip_model(model, requested), IDS), got) < 1e-5
     err = rel_err(logits_of(model, IDS), got)
@@ -252,7 +252,7 @@ def test_tiny_architectures_q8_0(kind, tmp_path):
     _, arch_fields, _ = hf_to_gguf(model.config, list(model.state_dict()))
     check_fields(r, arch_fields)
     assert not any(k.startswith("tokenizer.") for k in r.fields)   # none given, none invented
-    loaded = quantload.load(str(out), progress=False)
+    loaded = quantload.load(str(out), progress=False, exact=True)     # the file's numerics, bit for bit
     got = logits_of(loaded, IDS)
     assert rel_err(logits_of(roundtrip_model(model, T.Q8_0), IDS), got) < 1e-5
     assert rel_err(logits_of(model, IDS), got) < LOGITS_TOL["q8_0"]

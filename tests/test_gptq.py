@@ -1,5 +1,5 @@
 """GPTQ: the AutoGPTQ fixtures, and 3-bit / gptq_v2 / desc_act layouts made with a packer written here from
-AutoGPTQ's QuantLinear.pack (formats.md §3.2), itself checked against the fixtures' bytes."""
+AutoGPTQ's QuantLinear.pack (docs/formats.md §3.2), itself checked against the fixtures' bytes."""
 import json
 
 import numpy as np
@@ -75,7 +75,7 @@ def autogptq_pack(q, z, scales, g_idx, bits, v1=True):
 
 
 def reference_weight(q, z, scales, g_idx):
-    """formats.md §3.4 in one line, computed in the scales' dtype like AutoGPTQ's torch path."""
+    """docs/formats.md §3.4 in one line, computed in the scales' dtype like AutoGPTQ's torch path."""
     g = g_idx.long()
     return (scales[g] * (q - z[g]).to(scales.dtype)).t()
 
@@ -158,7 +158,7 @@ def test_packed_layers_decode(bits, gs, desc_act, v1):
 
 
 def test_three_bit_sym_v1_zeros_are_the_reference_words():
-    """formats.md §3.3: v1 symmetric 3-bit qzeros words are 0xDB6DB6DB, 0xB6DB6DB6, 0x6DB6DB6D."""
+    """docs/formats.md §3.3: v1 symmetric 3-bit qzeros words are 0xDB6DB6DB, 0xB6DB6DB6, 0x6DB6DB6D."""
     q, z, scales, g_idx = _random_layer(3, 64, 32, 32, 0, sym=True)
     pieces = autogptq_pack(q, z, scales, g_idx, 3)
     assert [w & 0xFFFFFFFF for w in pieces["qzeros"][0].tolist()] == [0xDB6DB6DB, 0xB6DB6DB6, 0x6DB6DB6D]

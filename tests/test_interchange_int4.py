@@ -20,9 +20,12 @@ pytestmark = pytest.mark.slow
 def test_int4_saved_by_quantload_loads_in_transformers_compressed_tensors(tmp_path):
     real = realmodels.smollm2_bf16()
     tok = quantload.load_tokenizer(real)
-    model = quantload.load(real, quantize="int4", dtype=torch.float32, progress=False)
-    # SmolLM2's hidden size 576 is not a multiple of 128: only down_proj (1536 inputs) takes group 128;
-    # the other projections stay dense and are listed in the config's ignore list, as compressed-tensors needs
+    # an explicit group of 128 ("int4" alone picks group 64 for SmolLM2): its hidden size 576 is not a multiple
+    # of 128, so only down_proj (1536 inputs) takes group 128; the other projections stay dense (with a
+    # warning) and are listed in the config's ignore list, as compressed-tensors needs
+    from quantload.schemes.affine import ct_config
+    with pytest.warns(quantload.QuantloadWarning, match=r"180 layer\(s\) left unquantized"):
+        model = quantload.load(real, quantize=ct_config(4, group_size=128), dtype=torch.float32, progress=False)
     assert model.load_report.quantized_modules == {"ct-pack-int4-group128-sym": 30}
     assert "model.layers.0.self_attn.q_proj" in model.config.quantization_config["ignore"]
     ours = greedy(model, tok)

@@ -44,6 +44,10 @@ def cmd_generate(a) -> int:
     import torch
 
     import quantload
+    if getattr(a, "exact", False):   # --exact: dequantize-then-matmul numerics (docs/kernels.md)
+        quantload.set_exact(True)
+    from .runtime import generation
+    threads = generation.set_threads(a.threads)  # before the load: it decodes blocks on these threads too
     path = a.path or default_model_path()
     model = quantload.load(path, quantize=a.quantize, dtype=a.dtype, device_map=a.device_map,
                            max_memory=_memory_arg(a.max_memory), offload_folder=a.offload_folder)
@@ -54,15 +58,24 @@ def cmd_generate(a) -> int:
                                       return_tensors="pt", return_dict=True)["input_ids"]
     else:
         ids = tok(a.prompt, return_tensors="pt")["input_ids"]
-    device = next((p.device for p in model.parameters() if p.device.type != "meta"), torch.device("cpu"))
-    t0 = time.perf_counter()
-    with torch.inference_mode():
-        out = model.generate(ids.to(device), max_new_tokens=a.max_new_tokens, do_sample=False,
-                             pad_token_id=tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id)
-    new = out[0, ids.shape[1]:]
-    dt = time.perf_counter() - t0
-    print(tok.decode(new, skip_special_tokens=True))
-    print(f"generated {len(new)} tokens in {dt:.2f}s ({len(new) / dt:.1f} tokens/s)", file=sys.stderr)
+    if a.hf_generate:   # transformers' generate (the opt-out of quantload's leaner greedy loop)
+        device = next((p.device for p in model.parameters() if p.device.type != "meta"), torch.device("cpu"))
+        t0 = time.perf_counter()
+        with torch.inference_mode():
+            out = model.generate(ids.to(device), max_new_tokens=a.max_new_tokens, do_sample=False,
+                                 pad_token_id=tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id)
+        new = out[0, ids.shape[1]:]
+        dt = time.perf_counter() - t0
+        print(tok.decode(new, skip_special_tokens=True))
+        print(f"generated {len(new)} tokens in {dt:.2f}s ({len(new) / dt:.1f} tokens/s, transformers generate, "
+              f"{threads} threads)", file=sys.stderr)
+        return 0
+    g = generation.greedy(model, ids, a.max_new_tokens)
+    print(tok.decode(g.tokens, skip_special_tokens=True))
+    total = g.prefill_s + g.decode_s
+    rate = g.decode_tokens_per_s
+    print(f"generated {len(g.tokens)} tokens in {total:.2f}s: prompt of {g.prompt_tokens} tokens {g.prefill_s:.2f}s, "
+          f"then {rate or 0:.1f} tokens/s ({threads} threads)", file=sys.stderr)
     return 0
 
 
@@ -113,6 +126,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--quantize", default=None)
     g.add_argument("--dtype", default=None)
     g.add_argument("--chat", action="store_true", help="apply the model's chat template")
+    g.add_argument("--exact", action="store_true", help="dequantize-then-matmul numerics instead of the packed kernels")
+    g.add_argument("--threads", type=int, default=None, help="torch threads (default: all physical cores)")
+    g.add_argument("--hf-generate", action="store_true",
+                   help="use transformers' model.generate instead of quantload's greedy loop")
     placement(g)
     g.set_defaults(fn=cmd_generate)
 

@@ -108,7 +108,7 @@ _DTYPES = {"float16": torch.float16, "fp16": torch.float16, "half": torch.float1
            "float32": torch.float32, "fp32": torch.float32, "float": torch.float32}
 
 
-def parse_dtype(d, *, what: str = "dtype", file: str | None = None) -> torch.dtype | None:
+def parse_dtype(d, *, what: str = "dtype", file: str | None = None, key: str | None = None) -> torch.dtype | None:
     if d is None or isinstance(d, torch.dtype):
         return d
     if isinstance(d, str):
@@ -117,8 +117,27 @@ def parse_dtype(d, *, what: str = "dtype", file: str | None = None) -> torch.dty
             return _DTYPES[s]
         if s == "auto":
             return None
-    raise ConfigError(f"{what}={d!r} is not a float dtype; expected one of {sorted(set(_DTYPES))}", file=file)
+    raise ConfigError(f"{what}={d!r} is not a float dtype; expected one of {sorted(set(_DTYPES))}", file=file,
+                      key=key)
 
 
 def dtype_name(dtype: torch.dtype) -> str:
     return str(dtype).removeprefix("torch.")
+
+
+def check_quantize_request(checkpoint: QuantSpec | None, requested: QuantSpec | None, quantize, *,
+                           file: str | None = None) -> None:
+    """A `quantize=` request on an already quantized checkpoint is accepted only when it asks for what
+    the checkpoint holds (same method and scheme: quantize="nf4" on an NF4 checkpoint); anything else
+    would either be ignored or re-quantize codes, so it is refused with both named."""
+    if checkpoint is None or requested is None:
+        return
+    def name(spec):
+        return getattr(spec.scheme, "name", None)
+    if checkpoint.method != requested.method or (name(checkpoint) is not None and name(requested) is not None
+                                                 and name(checkpoint) != name(requested)):
+        held = f"{checkpoint.method!r}" + (f" ({name(checkpoint)})" if name(checkpoint) else "")
+        asked = f"{requested.method!r}" + (f" ({name(requested)})" if name(requested) else "")
+        raise ConfigError(f"the checkpoint is already quantized with {held}; quantize={quantize!r} asks for "
+                          f"{asked}, which would need a float checkpoint (pass quantize=None to load it as it is)",
+                          file=file, key="quantization_config")

@@ -20,7 +20,7 @@ from typing import Callable
 import torch
 from torch import nn
 
-from .errors import ConfigError, MissingTensorError, ShapeMismatchError
+from .errors import ConfigError, MissingTensorError, ShapeMismatchError, UnexpectedTensorError
 from .report import LoadReport
 from .runtime.modules import _QModule, qtensors_of
 from .schemes.base import QTensor
@@ -294,6 +294,18 @@ def _assign_buffer(model: nn.Module, name: str, value: torch.Tensor) -> None:
     mod_name, _, attr = name.rpartition(".")
     mod = model.get_submodule(mod_name) if mod_name else model
     mod._buffers[attr] = value
+
+
+def raise_if_unconsumed(report: LoadReport, file: str) -> None:
+    """A checkpoint whose tensors the declared model does not all consume is not the model it declares
+    (a config with too few layers, quantized companions a dense layer ignores): refused, keys listed."""
+    keys = report.unexpected_keys
+    if keys:
+        raise UnexpectedTensorError(
+            f"{len(keys)} checkpoint tensor(s) are not used by the model the config declares: "
+            f"{', '.join(keys[:8])}{' ...' if len(keys) > 8 else ''}; expected every tensor to belong to a "
+            "parameter or buffer (load(..., strict=False) drops them, listed in the load report)",
+            file=file, key=keys[0])
 
 
 def raise_if_incomplete(report: LoadReport, file: str) -> None:

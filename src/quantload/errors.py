@@ -51,5 +51,14 @@ class ConfigError(QuantloadError):
     """A user argument or a config file is invalid."""
 
 
+class WriteError(QuantloadError):
+    """A save could not be written: the target is not a directory (or is one where a file is expected),
+    the disk is full, the folder is read-only. The previous checkpoint at the target is left intact."""
+
+
 class PlacementError(QuantloadError):
     """A device map or memory budget cannot be satisfied."""
+
+
+class UnexpectedTensorError(QuantloadError):
+    """The checkpoint holds tensors the model it declares does not use (load(..., strict=False) drops them)."""

@@ -3,10 +3,11 @@ from __future__ import annotations
 
 from torch import nn
 
-from .engine import raise_if_incomplete
+from .engine import raise_if_incomplete, raise_if_unconsumed
 from .errors import MissingTensorError
 from .prepare import named_tensors
 from .report import LoadReport, cuda_peaks, peak_rss_bytes
+from .runtime.kernels import choice_of, mark_output_head
 from .runtime.modules import QEmbedding, QLinear, _QModule
 
 
@@ -65,9 +66,20 @@ def tie_weights(model: nn.Module, report: LoadReport) -> None:
 
 
 def finalize(model: nn.Module, *, spec, report: LoadReport, weights, file: str,
-             ignorable_unexpected=(), offloader=None) -> nn.Module:
+             ignorable_unexpected=(), offloader=None, strict: bool = True) -> nn.Module:
+    """`strict`: checkpoint tensors the model did not consume (other than `ignorable_unexpected`, buffers
+    transformers recomputes) raise UnexpectedTensorError; with strict=False they are dropped and listed
+    in report.unexpected_keys (and named in one warning)."""
     tie_weights(model, report)
     raise_if_incomplete(report, file)
+    unexpected = weights.unconsumed() if weights is not None else []
+    report.unexpected_keys = [k for k in unexpected if not k.endswith(tuple(ignorable_unexpected))]
+    if strict:
+        raise_if_unconsumed(report, file)
+    elif report.unexpected_keys:
+        report.warnings.append(f"strict=False: {len(report.unexpected_keys)} checkpoint tensor(s) the model does "
+                               f"not use were dropped: {', '.join(report.unexpected_keys[:8])}"
+                               + (" ..." if len(report.unexpected_keys) > 8 else ""))
     if offloader is not None:
         offloader.share_tied(model)  # before the checks: a tied head may hold an offloaded placeholder
     offloaded = offloader.offloaded_names() if offloader is not None else set()
@@ -88,15 +100,14 @@ def finalize(model: nn.Module, *, spec, report: LoadReport, weights, file: str,
         model.offloader = offloader
         modules = list(model.named_modules())
         qmods = [(name, mod) for name, mod in modules if isinstance(mod, _QModule)]
+    mark_output_head(model)
+    report.kernels = {name: choice_of(mod.qweight, mod) for name, mod in qmods if mod.qweight is not None}
     model.eval()
     params = [p for _, p in named_tensors(modules, "_parameters")]
     for p in params:
         p.requires_grad_(False)
     if spec is not None and hasattr(model, "config"):
         model.config.quantization_config = spec.to_dict()
-    unexpected = weights.unconsumed() if weights is not None else []
-    ignorable = tuple(ignorable_unexpected)
-    report.unexpected_keys = [k for k in unexpected if not k.endswith(ignorable)]
     report.companion_keys = weights.consumed_companions() if weights is not None else 0
     seen, devices, counts = set(), {}, {}
     for name, mod in qmods:

@@ -117,7 +117,7 @@ def model_map_of(source):
 
 
 def load_gguf(source, *, report: LoadReport, t0: float, quantize, dtype, device_map, max_memory, offload_folder,
-              dequantize: bool, progress: bool) -> nn.Module:
+              dequantize: bool, progress: bool, strict: bool = True) -> nn.Module:
     from .api import _placement, _progress
     from .finalize import finalize
     from .prepare import build_skeleton, replace_modules
@@ -132,6 +132,8 @@ def load_gguf(source, *, report: LoadReport, t0: float, quantize, dtype, device_
 
     t1 = time.perf_counter()
     model = build_skeleton(mm.config, dtype)
+    if mm.adapt is not None:  # e.g. GPT-2's Conv1D as nn.Linear, the layout its GGUF blocks are in
+        mm.adapt(model)
 
     def choose(name, mod):
         if spec is not None:  # re-quantize: dequantize each GGUF tensor, then quantize with the spec
@@ -162,7 +164,9 @@ def load_gguf(source, *, report: LoadReport, t0: float, quantize, dtype, device_
                  progress=_progress("loading", progress), offloader=offloader, quantizing=spec is not None)
     report.tensors_read, report.bytes_read = weights.tensors_read, weights.bytes_read
     t2 = time.perf_counter()
-    finalize(model, spec=spec, report=report, weights=weights, file=source.path, offloader=offloader)
+    # tensors read into the config (rope_freqs) are consumed; any other tensor no parameter takes is an error
+    finalize(model, spec=spec, report=report, weights=weights, file=source.path, offloader=offloader,
+             ignorable_unexpected=tuple(mm.consumed), strict=strict)
     if plan is not None:
         model.device_plan = plan
     model.gguf_fields = source.fields

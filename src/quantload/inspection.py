@@ -100,7 +100,8 @@ def inspect_checkpoint(path: str, *, device_map=None, max_memory=None, quantize=
     return ins
 
 
-def plan_checkpoint(path: str, *, quantize, dtype, device_map, max_memory, offload_folder, trust_remote_code=False):
+def plan_checkpoint(path: str, *, quantize, dtype, device_map, max_memory, offload_folder, trust_remote_code=False,
+                    headroom=None):
     """Prepare the skeleton exactly as load does (meta device, quantized modules), then plan placement."""
     import torch
 
@@ -154,4 +155,4 @@ def plan_checkpoint(path: str, *, quantize, dtype, device_map, max_memory, offlo
     return plan_placement(model, sizes, device_map, max_memory,
                           no_split_module_classes=getattr(model, "_no_split_modules", None),
                           tied_groups=_tied_groups(model, sizes), offload_folder=offload_folder,
-                          config=getattr(model, "config", None))
+                          config=getattr(model, "config", None), headroom=headroom)

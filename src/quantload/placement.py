@@ -2,7 +2,7 @@
 
 The algorithm is accelerate's (walk the top-level modules in order, fill a device, split a module that
 does not fit unless its class must stay whole, spill GPU -> CPU -> disk), with its known weak spots
-fixed (../shared/reference/loading.md §1, §5):
+fixed (docs/loading.md §1, §5):
 
 - sizes come from the caller per tensor (a scheme's packed data + scales + zeros + absmax + g_idx),
   never a flat 0.9 fudge; module sizes are summed in one pass, so planning is linear in the model;

@@ -13,14 +13,23 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping
 from typing import Any, NamedTuple
 
-from ..errors import FileFormatError, MissingTensorError, ShapeMismatchError, UnsupportedError
+from ..errors import FileFormatError, MissingTensorError, QuantloadError, ShapeMismatchError, UnsupportedError
 from .base import (Family, GGUFModelMap, Metadata, ParamRef, ReadTensor, UnsupportedArchitecture,
-                   tensor_shapes)
+                   config_rejected, tensor_shapes)
 from .decoder import eos_token_ids
+from .bloom import BloomFamily
+from .deci import DeciFamily
+from .falcon import FalconFamily
 from .gemma import Gemma2Family, Gemma3Family
+from .gpt2 import GPT2Family
+from .nemotron import NemotronFamily
+from .stablelm import StableLmFamily
+from .starcoder2 import Starcoder2Family
+from .lfm2 import Lfm2Family
 from .llama import LlamaFamily
 from .phi3 import Phi3Family
 from .qwen import Qwen2Family, Qwen3Family
+from .qwen35 import Qwen35Family
 from .transforms import AddScalar, RopePermute, RopeUnpermute, Transform
 
 __all__ = ["gguf_to_hf", "hf_to_gguf", "gguf_extra_tensors", "GGUFModelMap", "GGUFWriteMap", "ParamRef",
@@ -29,6 +38,8 @@ __all__ = ["gguf_to_hf", "hf_to_gguf", "gguf_extra_tensors", "GGUFModelMap", "GG
 
 _FAMILIES: list[Family] = [LlamaFamily(), Qwen2Family(), Qwen3Family(), Gemma2Family(), Gemma3Family(),
                            Phi3Family()]
+_FAMILIES += [GPT2Family(), Starcoder2Family(), StableLmFamily(), NemotronFamily(), FalconFamily(),
+              BloomFamily(), DeciFamily(), Lfm2Family(), Qwen35Family()]
 _BY_GGUF_ARCH = {arch: fam for fam in _FAMILIES for arch in fam.gguf_archs}
 _BY_MODEL_TYPE = {mt: fam for fam in _FAMILIES for mt in fam.model_types}
 
@@ -63,7 +74,12 @@ def gguf_to_hf(fields: Mapping[str, Any], tensors: Mapping[str, Any], *, file=No
     family = _family_for_gguf(arch, file)
     shapes = tensor_shapes(tensors)
     meta = Metadata(fields, arch, file)
-    config, consumed = family.config_from_gguf(meta, shapes, read_tensor)
+    try:
+        config, consumed = family.config_from_gguf(meta, shapes, read_tensor)
+    except QuantloadError:
+        raise
+    except Exception as e:  # transformers' own config validation (strict dataclasses, RoPE checks)
+        raise config_rejected(e, arch, file) from e
     params: dict[str, ParamRef] = {}
     for rule in family.rules(config):
         found = shapes.get(rule.gguf)
@@ -77,7 +93,8 @@ def gguf_to_hf(fields: Mapping[str, Any], tensors: Mapping[str, Any], *, file=No
     used = {ref.gguf_name for ref in params.values()}
     unused = sorted(name for name in shapes if name not in used)
     return GGUFModelMap(arch=arch, config=config, params=params, tied=bool(config.tie_word_embeddings),
-                        unused=unused, eos_token_ids=eos_token_ids(meta))
+                        unused=unused, eos_token_ids=eos_token_ids(meta), consumed=list(consumed),
+                        adapt=family.adapt)
 
 
 class GGUFWriteMap(NamedTuple):

@@ -39,6 +39,9 @@ class GGUFModelMap:
     unused: list[str] = field(default_factory=list)   # GGUF tensors no parameter reads (e.g. rope_freqs,
                                                        # whose content went into the config)
     eos_token_ids: list[int] = field(default_factory=list)  # eos plus eot/eom, for a generation config
+    consumed: list[str] = field(default_factory=list)   # GGUF tensors read into the config (rope_freqs)
+    # the family's change to the freshly built model before weights load (GPT-2's Conv1D -> nn.Linear), or None
+    adapt: Callable[[Any], None] | None = None
 
 
 class TensorRule(NamedTuple):
@@ -137,6 +140,29 @@ class Metadata:
 
 ReadTensor = Callable[[str], torch.Tensor]
 
+#: transformers config attribute -> the GGUF key (after `{arch}.`) it comes from, longest names first so
+#: "num_key_value_heads" is found before "num_attention_heads" in an error message
+_CONFIG_KEYS = {"original_max_position_embeddings": "rope.scaling.original_context_length",
+                "max_position_embeddings": "context_length", "num_key_value_heads": "attention.head_count_kv",
+                "num_attention_heads": "attention.head_count", "num_hidden_layers": "block_count",
+                "intermediate_size": "feed_forward_length", "rms_norm_eps": "attention.layer_norm_rms_epsilon",
+                "hidden size": "embedding_length", "hidden_size": "embedding_length",
+                "attention heads": "attention.head_count", "head_dim": "attention.key_length",
+                "vocab_size": "vocab_size", "rope_theta": "rope.freq_base", "factor": "rope.scaling.factor",
+                "rope": "rope.scaling.type"}
+
+
+def config_rejected(e: Exception, arch: str, file) -> FileFormatError:
+    """transformers refused the config the metadata describes: a FileFormatError naming the GGUF key the
+    refused value most likely came from (the attribute its message names), and what transformers said."""
+    text = str(e).strip()
+    lines = [ln.strip() for ln in text.split("\n") if ln.strip()]
+    said = " ".join(lines[-2:])[:300] if lines else ""
+    suffix = next((v for k, v in _CONFIG_KEYS.items() if k in text), None)
+    key = f"{arch}.{suffix}" if suffix else "general.architecture"
+    return FileFormatError(f"transformers rejects the {arch} config this metadata describes "
+                           f"({type(e).__name__}: {said}); expected values transformers accepts", file=file, key=key)
+
 
 class Family:
     """One model family: its GGUF architectures, its transformers model types, and both directions."""
@@ -163,6 +189,9 @@ class Family:
     def extra_tensors(self, config, arch: str) -> dict[str, torch.Tensor]:
         """Non-parameter tensors llama.cpp expects for this config (rope factors)."""
         return {}
+
+    #: `adapt(model)`: changes the built skeleton (meta parameters) so `rules` describe it; None: none needed
+    adapt = None
 
 
 def u32(v) -> np.uint32:

@@ -7,6 +7,7 @@ extra norms and `w+1` storage, Phi-3's fused projections).
 from __future__ import annotations
 
 import math
+import re
 from typing import Any
 
 import torch
@@ -32,6 +33,39 @@ def vocab_size_from(meta: Metadata, shapes: dict) -> int:
         return shapes["token_embd.weight"][0]
     raise FileFormatError("cannot tell the vocabulary size: no vocab_size key, token list or token_embd.weight",
                           file=meta.file, key=f"{meta.arch}.vocab_size")
+
+
+_BLOCK_TENSOR = re.compile(r"blk\.(\d+)\.")
+
+
+def block_count_from(meta: Metadata, shapes: dict) -> int:
+    """`{arch}.block_count`, checked against the blocks whose tensors the file holds (blk.0 .. blk.n-1)
+    before anything is built per declared block: a count the tensors do not bear out is refused."""
+    key = f"{meta.arch}.block_count"
+    n = meta.arch_int("block_count")
+    present = set()
+    for name in shapes:
+        m = _BLOCK_TENSOR.match(name)
+        if m:
+            present.add(int(m.group(1)))
+    have = max(present) + 1 if present else 0
+    if n != have or len(present) != have:
+        holes = sorted(set(range(have)) - present)[:5]
+        found = (f"tensors for blocks 0..{have - 1} with {holes} missing" if holes else
+                 f"tensors for {have} blocks (blk.0..blk.{have - 1})" if have else "no blk.* tensors")
+        raise FileFormatError(f"block_count is {n}, but the file holds {found}; expected block_count={have}"
+                              if not holes else f"block_count is {n}, but the file holds {found}",
+                              file=meta.file, key=key)
+    if n < 1:
+        raise FileFormatError("expected at least one block, found 0 (and no blk.* tensors)", file=meta.file, key=key)
+    return n
+
+
+def _positive(meta: Metadata, suffix: str, value):
+    if value is not None and not value > 0:
+        raise FileFormatError(f"expected a positive value, found {value!r}", file=meta.file,
+                              key=f"{meta.arch}.{suffix}")
+    return value
 
 
 def token_id_kwargs(meta: Metadata, vocab_size: int) -> dict[str, int]:
@@ -69,10 +103,14 @@ def rope_scaling_from(meta: Metadata) -> dict | None:
     if kind == "none":
         return None
     if kind == "linear":
-        return {"rope_type": "linear", "factor": meta.arch_float("rope.scaling.factor")}
+        return {"rope_type": "linear", "factor": _positive(meta, "rope.scaling.factor",
+                                                           meta.arch_float("rope.scaling.factor"))}
     if kind == "yarn":
-        scaling = {"rope_type": "yarn", "factor": meta.arch_float("rope.scaling.factor"),
-                   "original_max_position_embeddings": meta.arch_int("rope.scaling.original_context_length")}
+        scaling = {"rope_type": "yarn",
+                   "factor": _positive(meta, "rope.scaling.factor", meta.arch_float("rope.scaling.factor")),
+                   "original_max_position_embeddings": _positive(
+                       meta, "rope.scaling.original_context_length",
+                       meta.arch_int("rope.scaling.original_context_length"))}
         for hf_key, suffix in (("beta_fast", "yarn_beta_fast"), ("beta_slow", "yarn_beta_slow"),
                                ("attention_factor", "yarn_attn_factor")):
             value = meta.arch_float(f"rope.scaling.{suffix}", None)
@@ -158,23 +196,29 @@ class DecoderFamily(Family):
             raise FileFormatError("expected at least one attention head, found 0", file=meta.file,
                                   key=f"{meta.arch}.attention.head_count")
         kv_heads = meta.arch_int("attention.head_count_kv", heads)
+        if kv_heads == 0 or heads % kv_heads:
+            raise FileFormatError(f"expected a divisor of attention.head_count ({heads}), found {kv_heads}",
+                                  file=meta.file, key=f"{meta.arch}.attention.head_count_kv")
         key_length = meta.arch_int("attention.key_length", None)
         value_length = meta.arch_int("attention.value_length", key_length)
         if key_length is not None and value_length != key_length:
             raise UnsupportedError(f"key length {key_length} differs from value length {value_length}",
                                    file=meta.file, key=f"{meta.arch}.attention.value_length")
         vocab = vocab_size_from(meta, shapes)
+        _positive(meta, "embedding_length", hidden)
+        _positive(meta, "vocab_size", vocab)
         kwargs = dict(
             vocab_size=vocab,
             hidden_size=hidden,
-            intermediate_size=meta.arch_int("feed_forward_length"),
-            num_hidden_layers=meta.arch_int("block_count"),
+            intermediate_size=_positive(meta, "feed_forward_length", meta.arch_int("feed_forward_length")),
+            num_hidden_layers=block_count_from(meta, shapes),
             num_attention_heads=heads,
             num_key_value_heads=kv_heads,
             head_dim=key_length if key_length is not None else hidden // heads,
-            max_position_embeddings=meta.arch_int("context_length"),
-            rms_norm_eps=meta.arch_float("attention.layer_norm_rms_epsilon"),
-            rope_theta=meta.arch_float("rope.freq_base", 10000.0),   # llama.cpp's default
+            max_position_embeddings=_positive(meta, "context_length", meta.arch_int("context_length")),
+            rms_norm_eps=_positive(meta, "attention.layer_norm_rms_epsilon",
+                                   meta.arch_float("attention.layer_norm_rms_epsilon")),
+            rope_theta=_positive(meta, "rope.freq_base", meta.arch_float("rope.freq_base", 10000.0)),  # llama.cpp's default
             tie_word_embeddings="output.weight" not in shapes,
             **token_id_kwargs(meta, vocab),
         )

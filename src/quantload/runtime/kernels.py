@@ -42,48 +42,122 @@ The repacked copy is extra memory (NF4: 1 byte a weight beside its ~0.56): `kern
 """
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import os
 import sys
+import time
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 
+from ..report import KernelChoice
+
 FAST_KEY = "fast"            # qt.meta[FAST_KEY]: the packed kernel
 SKIP_KEY = "fast_skipped"    # qt.meta[SKIP_KEY]: why a weight was not packed (for inspection and tests)
 PENDING_KEY = "fast_pending" # qt.meta[PENDING_KEY]: how to repack it, until its first fast_linear call
+CHOICE_KEY = "kernel"        # qt.meta[CHOICE_KEY]: its KernelChoice (what the load report shows)
 INT4_GROUPS = (256, 128, 64, 32)   # group sizes the int4 kernel takes, largest first
 N_BLOCK = 16                 # the int4 kernel packs output rows in blocks of 16
 INT8_K_MULTIPLE = 8          # the int8 kernel reads inputs 8 at a time (other widths crash it)
 MAX_FAST_ROWS = 16           # input rows up to which the kernels beat dequantize + BLAS (divided by the
                              # planes: the kernel's time grows with rows x planes; measured on CPU)
 MAX_PLANES = 3               # codes of up to 12 bits
+INT8_ROW_PLANES = 2          # int8 planes of a requantized weight (2: residual plane, see int8_rows)
 PACK_CHUNK_ELEMS = 1 << 20   # codes repacked per step at load (bounds the temporaries)
 
-# Off by default: quantload's default promise is the defining tool's numerics (greedy text equal to
-# transformers + bitsandbytes / compressed-tensors / llama.cpp's reference dequantization). The packed
-# kernels compute in bfloat16 and NF4/FP4 go through an integer grid, so they are opt-in:
-# set_fast_kernels(True) or QUANTLOAD_FAST_KERNELS=1 (QUANTLOAD_EXACT=1 forces them off).
-_enabled = (os.environ.get("QUANTLOAD_FAST_KERNELS", "").strip().lower() in ("1", "true", "yes")
-            and os.environ.get("QUANTLOAD_EXACT", "").strip().lower() in ("", "0", "false", "no"))
+def _env_flag(name: str) -> bool | None:
+    v = os.environ.get(name, "").strip().lower()
+    if v in ("1", "true", "yes", "on"):
+        return True
+    if v in ("0", "false", "no", "off"):
+        return False
+    return None
+
+
+# On by default: every quantized Linear takes the fastest packed kernel that meets the fidelity bar
+# (docs/kernels.md). QUANTLOAD_EXACT=1 (or the older QUANTLOAD_FAST_KERNELS=0) starts the process exact:
+# dequantize, then F.linear, bit for bit the defining tool's reference numerics.
+_enabled = not (_env_flag("QUANTLOAD_EXACT") is True or _env_flag("QUANTLOAD_FAST_KERNELS") is False)
+# the exact= of the load in progress (None: follow _enabled); see loading()
+_load_exact: bool | None = None
+
+
+def set_exact(exact: bool) -> bool:
+    """Exact numerics (dequantize, then F.linear) for every quantized Linear from now on, or back to the
+    packed kernels; returns the previous setting. Loads made while exact repack nothing."""
+    global _enabled
+    previous, _enabled = not _enabled, not bool(exact)
+    return previous
+
+
+def exact_enabled() -> bool:
+    return not _enabled
 
 
 def set_fast_kernels(enabled: bool) -> bool:
-    """Turn the packed kernels on or off for every quantized Linear; returns the previous setting.
-    Off: every layer runs the exact path (dequantize, then F.linear), and loads made while off do not
-    repack. They start off; QUANTLOAD_FAST_KERNELS=1 in the environment starts the process with them on."""
-    global _enabled
-    previous, _enabled = _enabled, bool(enabled)
-    return previous
+    """Deprecated alias of `set_exact(not enabled)` (the kernels are now on by default); returns the
+    previous fast setting."""
+    return not set_exact(not enabled)
 
 
 def fast_kernels_enabled() -> bool:
     return _enabled
 
 
+@contextlib.contextmanager
+def loading(exact: bool | None):
+    """The exact= of one load: weights prepared inside this block are marked for repacking unless it
+    is True (None: the process setting, `set_exact`). A later `set_exact(True)` still turns every
+    layer exact; a layer loaded exact stays exact (it was never marked)."""
+    global _load_exact
+    previous, _load_exact = _load_exact, exact
+    try:
+        yield
+    finally:
+        _load_exact = previous
+
+
+def begin_load(exact: bool | None):
+    """loading(exact) for code that cannot indent into a with-block; pass the result to end_load."""
+    global _load_exact
+    previous, _load_exact = _load_exact, exact
+    return previous
+
+
+def end_load(previous) -> None:
+    global _load_exact
+    _load_exact = previous
+
+
+_any_rows = False
+
+
+@contextlib.contextmanager
+def fast_at_any_rows():
+    """Inside this block the packed kernels also take inputs of more than MAX_FAST_ROWS rows (which
+    otherwise dequantize once and use BLAS): what a fidelity measurement needs, so that a teacher-forced
+    window sees the kernel's numerics at every position, as decoding does. Slower; not thread-local."""
+    global _any_rows
+    previous, _any_rows = _any_rows, True
+    try:
+        yield
+    finally:
+        _any_rows = previous
+
+
+def _marking() -> bool:
+    return _enabled if _load_exact is None else not _load_exact
+
+
 class NotEligible(Exception):
-    """A weight that cannot take a packed kernel; the message says why (kept in qt.meta[SKIP_KEY])."""
+    """A weight that cannot take a packed kernel; the message says why (kept in qt.meta[SKIP_KEY]).
+    fallback=False: requantizing the exact weight to int8 per row cannot help either (device, shape)."""
+
+    def __init__(self, message: str, fallback: bool = True):
+        super().__init__(message)
+        self.fallback = fallback
 
 
 @dataclass
@@ -107,6 +181,7 @@ class AffineWeight:
 # --- the kernels ----------------------------------------------------------------------------------------
 class _Packed:
     kind = "abstract"
+    requantized = False      # True: the exact weight requantized (int8 per row), not the file's codes
 
     def __init__(self, n_out: int, n_in: int, perm: torch.Tensor | None, device: torch.device, planes: int = 1):
         self.n_out, self.n_in, self.perm, self.device = n_out, n_in, perm, device
@@ -136,6 +211,9 @@ class _Packed:
     def describe(self) -> str:
         return self.kind
 
+    def why(self) -> str:
+        return "the checkpoint's integer codes, repacked"
+
 
 class Int4Packed(_Packed):
     """torch._weight_int4pack_mm_for_cpu on planes of 4-bit codes (see the module docstring)."""
@@ -158,7 +236,10 @@ class Int4Packed(_Packed):
             xb = x2.new_zeros((x2.shape[0], self.planes, self.k_padded), dtype=torch.bfloat16)
             xb[:, :, : self.n_in].copy_(x2.unsqueeze(1))
             xb = xb.view(x2.shape[0], -1)
-        y = torch.ops.aten._weight_int4pack_mm_for_cpu(xb, self.packed, self.group, self.scales_zeros)
+        if self.device.type == "cuda":
+            y = torch.ops.aten._weight_int4pack_mm(xb, self.packed, self.group, self.scales_zeros)
+        else:
+            y = torch.ops.aten._weight_int4pack_mm_for_cpu(xb, self.packed, self.group, self.scales_zeros)
         return y[:, : self.n_out] if self.n_padded != self.n_out else y
 
     def describe(self) -> str:
@@ -172,18 +253,31 @@ class Int8Packed(_Packed):
     """torch._weight_int8pack_mm: int8 [O, I] times a bfloat16 scale per output row."""
     kind = "int8pack"
 
-    def __init__(self, weight, scales, perm, device):
-        super().__init__(weight.shape[0], weight.shape[1], perm, device)
-        self.weight, self.scales = weight, scales
+    def __init__(self, weight, scales, perm, device, planes: int = 1):
+        super().__init__(weight.shape[0], weight.shape[1] // planes, perm, device, planes)
+        self.weight, self.scales, self.planes = weight, scales, planes
 
     def _tensors(self):
         return (self.weight, self.scales, self.perm)
 
+    def describe(self) -> str:
+        return ("int8pack rows" + (" x2 planes" if self.planes == 2 else "")) if self.requantized else "int8pack"
+
+    def why(self) -> str:
+        if not self.requantized:
+            return "8-bit symmetric codes, one scale per row, as stored"
+        if self.planes == 2:
+            return "exact weight requantized to int8 per row plus an int8 residual plane (within rowmax/65000)"
+        return "exact weight requantized to int8 per row (within rowmax/254)"
+
     def _mm(self, x2: torch.Tensor) -> torch.Tensor:
-        return torch.ops.aten._weight_int8pack_mm(x2.to(torch.bfloat16).contiguous(), self.weight, self.scales)
+        xb = x2.to(torch.bfloat16).contiguous()
+        if self.planes == 2:   # w = s * (c1 + c2 / 128): the input once as is, once times 2^-7 (exact)
+            xb = torch.cat([xb, xb * 2.0 ** -7], -1)
+        return torch.ops.aten._weight_int8pack_mm(xb, self.weight, self.scales)
 
     def __call__(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-        if self.perm is not None or bias is not None:
+        if self.perm is not None or bias is not None or self.planes != 1:
             return super().__call__(x, bias)
         # the decode step's common case in as few torch calls as possible: at one input row the kernel
         # takes ~50-100 us, and each extra call ~2-4 us (210 layers a token in SmolLM2-135M)
@@ -225,11 +319,10 @@ def _int8_symmetric(aw: AffineWeight) -> bool:
     return bool((aw.bias.double() == -128 * aw.scale.double()).all())
 
 
-def pack(aw: AffineWeight) -> _Packed:
+def pack(aw: AffineWeight, notes: dict | None = None) -> _Packed:
     """Repack an affine weight for the CPU kernels; NotEligible says why not."""
     codes = aw.codes
-    if codes.device.type != "cpu":
-        raise NotEligible(f"packed kernels are used on CPU only (weight on {codes.device.type})")
+    _check_device(codes.device)
     if codes.ndim != 2 or aw.scale.ndim != 2 or aw.scale.shape[0] != codes.shape[0]:
         raise NotEligible(f"codes {list(codes.shape)} and scales {list(aw.scale.shape)} do not line up")
     n_out, k = codes.shape
@@ -239,7 +332,7 @@ def pack(aw: AffineWeight) -> _Packed:
     if planes > MAX_PLANES:
         raise NotEligible(f"{aw.bits}-bit codes are wider than {4 * MAX_PLANES} bits")
     perm = aw.perm.to(torch.long) if aw.perm is not None else None
-    if _int8_symmetric(aw):
+    if _int8_symmetric(aw) and codes.device.type == "cpu":
         w8 = (codes.to(torch.int16) - 128).to(torch.int8).contiguous()
         return Int8Packed(w8, aw.scale[:, 0].to(torch.bfloat16).contiguous(), perm, codes.device)
 
@@ -249,6 +342,11 @@ def pack(aw: AffineWeight) -> _Packed:
     kg, k_pad = _kernel_group(aw.group, n_groups, k)
     repeat = aw.group // kg if n_groups > 1 else k_pad // kg
     n_pad = -(-n_out // N_BLOCK) * N_BLOCK
+    inner = None
+    if codes.device.type == "cuda":     # tinygemm on CUDA: k in tiles of 16 x innerKTiles (2, 4 or 8)
+        inner = next((t for t in (8, 4, 2) if (k_pad * planes) % (16 * t) == 0), None)
+        if inner is None:
+            raise NotEligible(f"{k_pad} inputs do not tile the CUDA int4 kernel", fallback=False)
     scale = aw.scale.double()
     bias = _bias_of(aw)
     # rows in chunks (a multiple of the kernel's 64-row blocks packs the same bytes as the whole): the
@@ -258,7 +356,7 @@ def pack(aw: AffineWeight) -> _Packed:
     for r in range(0, n_out, step):
         e = min(r + step, n_out)
         p, z = _pack_rows(codes[r:e], scale[r:e], bias[r:e], k_pad, n_groups, planes,
-                          extra_rows=n_pad - n_out if e == n_out else 0)
+                          extra_rows=n_pad - n_out if e == n_out else 0, inner_k_tiles=inner)
         packed.append(p)
         zeros.append(z)
     zero = torch.cat(zeros)
@@ -272,25 +370,41 @@ def pack(aw: AffineWeight) -> _Packed:
                       codes.device)
 
 
-def int8_rows(n_out: int, n_in: int, rows_of, rowmax: torch.Tensor) -> Int8Packed:
-    """A weight that is not affine (a lookup table per block: NF4/FP4) requantized for the int8 kernel:
-    `rows_of(r0, r1)` gives rows r0..r1 as float32 [r1 - r0, n_in] (the exact values), `rowmax` [n_out]
-    bounds each row's magnitude. Each row gets the scale rowmax / 127 rounded up to a bfloat16 (the
-    kernel's scale dtype, so it is used exactly) and int8 codes round(w / scale): every weight within
-    half a step, rowmax / 254. Rows are requantized PACK_CHUNK_ELEMS at a time (bounded temporaries)."""
+def int8_rows(n_out: int, n_in: int, rows_of, rowmax: torch.Tensor | None = None,
+              planes: int | None = None) -> Int8Packed:
+    """A weight that is not affine integer codes (a lookup table per block: NF4/FP4, i-quants; groups
+    the int4 kernel cannot take: K-quants' 16-element sub-blocks) requantized for the int8 kernel:
+    `rows_of(r0, r1)` gives rows r0..r1 as float32 [r1 - r0, n_in] (the exact values, a tensor the
+    caller gives away), `rowmax` [n_out] bounds each row's magnitude (None: measured on the rows). Each
+    row gets the scale rowmax / 127 rounded up to a bfloat16 (the kernel's scale dtype, so it is used
+    exactly) and int8 codes round(w / scale): every weight within half a step, rowmax / 254. Rows are
+    requantized PACK_CHUNK_ELEMS at a time (bounded temporaries)."""
     if n_in % INT8_K_MULTIPLE:
-        raise NotEligible(f"{n_in} input columns is not a multiple of {INT8_K_MULTIPLE} (the int8 kernel's step)")
-    if not bool(torch.isfinite(rowmax).all()):
-        raise NotEligible("non-finite block scales")
-    scale = _bf16_at_least(torch.where(rowmax > 0, rowmax.float() / 127, 1.0))
-    inverse = scale.float().reciprocal().unsqueeze(1)
-    w8 = torch.empty(n_out, n_in, dtype=torch.int8, device=rowmax.device)
+        raise NotEligible(f"{n_in} input columns is not a multiple of {INT8_K_MULTIPLE} (the int8 kernel's step)",
+                          fallback=False)
+    if rowmax is not None and not bool(torch.isfinite(rowmax).all()):
+        raise NotEligible("non-finite block scales", fallback=False)
+    planes = INT8_ROW_PLANES if planes is None else planes
+    w8, scales = None, []
     step = max(1, PACK_CHUNK_ELEMS // n_in)
     for r0 in range(0, n_out, step):
         r1 = min(r0 + step, n_out)
-        v = rows_of(r0, r1).mul_(inverse[r0:r1]).round_().clamp_(-127, 127)
-        w8[r0:r1].copy_(v)
-    return Int8Packed(w8, scale, None, rowmax.device)
+        v = rows_of(r0, r1)
+        if w8 is None:
+            w8 = torch.empty(n_out, planes * n_in, dtype=torch.int8, device=v.device)
+        m = v.abs().amax(1) if rowmax is None else rowmax[r0:r1].float()
+        if rowmax is None and not bool(torch.isfinite(m).all()):
+            raise NotEligible("non-finite weights", fallback=False)
+        scale = _bf16_at_least(torch.where(m > 0, m / 127, 1.0))
+        v.mul_(scale.float().reciprocal().unsqueeze(1))
+        c1 = v.round().clamp_(-127, 127)
+        w8[r0:r1, :n_in].copy_(c1)
+        if planes == 2:     # the residual in [-1/2, 1/2] steps, in 128ths: |c2| <= 64
+            w8[r0:r1, n_in:].copy_(v.sub_(c1).mul_(128).round_().clamp_(-127, 127))
+        scales.append(scale)
+    kernel = Int8Packed(w8, torch.cat(scales).contiguous(), None, w8.device, planes)
+    kernel.requantized = True
+    return kernel
 
 
 def _bf16_at_least(x: torch.Tensor) -> torch.Tensor:
@@ -300,7 +414,7 @@ def _bf16_at_least(x: torch.Tensor) -> torch.Tensor:
     return torch.where(b.float() < x, up, b).contiguous()
 
 
-def _pack_rows(codes, scale, bias, k_pad, n_groups, planes, extra_rows=0):
+def _pack_rows(codes, scale, bias, k_pad, n_groups, planes, extra_rows=0, inner_k_tiles=None):
     """(int4pack bytes of these rows' planes, their zero offsets [rows, groups]).
 
     The kernel computes sum_p (c_p - 8) * 16^p * s + zero over the planes' 4-bit codes c_p. Each group's
@@ -331,41 +445,204 @@ def _pack_rows(codes, scale, bias, k_pad, n_groups, planes, extra_rows=0):
         c = v & 15
         digits.append(c)
         v = ((v - c) >> 4) + 8
-    packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(torch.cat(digits, 1).to(torch.int32), 1)
+    d = torch.cat(digits, 1)
+    if inner_k_tiles is None:
+        packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(d.to(torch.int32), 1)
+    else:   # CUDA takes two codes a byte, the even column in the high nibble (torch's own tests' layout)
+        packed = torch.ops.aten._convert_weight_to_int4pack(((d[:, ::2] << 4) | d[:, 1::2]).to(torch.uint8),
+                                                            inner_k_tiles)
     return packed, bias + o.double() * scale
 
 
-def attach_fast(qt, affine_of) -> object:
+def attach_fast(qt, affine_of, dense_rows=None) -> object:
     """Mark `qt` for repacking (called from a scheme's prepare_runtime, at load): `affine_of(qt)` returns
-    its AffineWeight (or a ready kernel) or raises NotEligible. Nothing is repacked here: the first
-    `fast_linear` call does it (`packed_kernel`), so a load pays nothing, weights that never run as a
+    its AffineWeight (or a ready kernel) or raises NotEligible; then, unless NotEligible says it cannot
+    help, the exact weight is requantized to int8 per row (`int8_rows`), read `dense_rows(qt, r0, r1)`
+    (float32 rows r0..r1; default: one dequantize of the whole weight). Nothing is repacked here: the
+    first `fast_linear` call does it (`packed_kernel`), so a load pays nothing, weights that never run as a
     Linear (an untied embedding) are never repacked, and a model that is only saved or inspected keeps
-    no second copy. The returned QTensor shares its data (what encode() and dequantize() read)."""
-    if not _enabled or qt.is_meta:
+    no second copy. The returned QTensor shares its data (what encode() and dequantize() read); its
+    meta[CHOICE_KEY] is the KernelChoice the load report shows."""
+    if qt.is_meta:
         return qt
-    meta = {k: v for k, v in qt.meta.items() if k not in (FAST_KEY, SKIP_KEY)}
-    meta[PENDING_KEY] = _Pending(affine_of)
+    meta = {k: v for k, v in qt.meta.items() if k not in (FAST_KEY, SKIP_KEY, CHOICE_KEY)}
+    if not _marking():
+        meta[CHOICE_KEY] = KernelChoice("exact", "exact=True" if _load_exact else "quantload.set_exact(True)")
+    else:
+        meta[PENDING_KEY] = _Pending(affine_of, dense_rows)
+        meta[CHOICE_KEY] = meta[PENDING_KEY].choice
     return type(qt)(qt.scheme, qt.data, qt.shape, qt.dtype, meta)
+
+
+def choice_of(qt, module=None) -> KernelChoice:
+    """The KernelChoice of a weight (a shared live object once attach_fast marked it); for an embedding
+    module, how its lookup runs."""
+    if module is not None and hasattr(module, "num_embeddings"):
+        return KernelChoice("lookup", "gathers the rows' quantized data, then dequantizes only those"
+                            if hasattr(qt.scheme, "dense_rows") else "dequantizes the table, then gathers")
+    choice = qt.meta.get(CHOICE_KEY)
+    if choice is None:
+        reason = ("runs on the packed kernels from its first forward" if FAST_KEY in qt.meta
+                  else f"{qt.scheme.name} has no packed kernel")
+        choice = KernelChoice(qt.meta[FAST_KEY].describe() if FAST_KEY in qt.meta else "exact", reason)
+    return choice
 
 
 class _Pending:
     """How to repack a weight, and the result once done. QTensor copies (module moves) copy their meta
     shallowly, so every copy shares this one object and the weight is repacked at most once."""
 
-    def __init__(self, affine_of):
-        self.affine_of, self.done, self.kernel, self.skipped = affine_of, False, None, None
+    def __init__(self, affine_of, dense_rows=None):
+        self.affine_of, self.dense_rows, self.done, self.kernel, self.skipped = affine_of, dense_rows, False, None, None
+        self.choice = KernelChoice("pending", "repacked on its first forward")
+        self.seconds = 0.0
+        self.head_rows = None      # set for the output head: TopRefined
 
     def resolve(self, qt) -> None:
         if self.done:
             return
+        t0 = time.perf_counter()
+        notes: dict[str, str] = {}
         try:
-            if qt.device.type != "cpu":
-                raise NotEligible(f"packed kernels are used on CPU only (weight on {qt.device.type})")
-            weight = self.affine_of(qt)
-            self.kernel = weight if isinstance(weight, _Packed) else pack(weight)
+            try:
+                _check_device(qt.device)
+                weight = self.affine_of(qt)
+                self.kernel = weight if isinstance(weight, _Packed) else pack(weight, notes)
+                if qt.device.type == "cuda":
+                    if not isinstance(self.kernel, Int4Packed):
+                        self.kernel = None
+                        raise NotEligible("only the int4 kernel is used on CUDA", fallback=False)
+                    _probe_cuda(self.kernel, qt)
+            except NotEligible as e:
+                notes.setdefault("int4pack", str(e))
+                if not e.fallback:
+                    raise
+                self.kernel = _int8_from_exact(qt, self.dense_rows)
+                self.kernel.requantized = True
+            if self.head_rows is not None and qt.device.type == "cpu":
+                self.kernel = TopRefined(self.kernel, qt, self.head_rows)
+            self.choice.kernel = self.kernel.describe()
+            self.choice.reason = self.kernel.why()
         except NotEligible as e:
-            self.skipped = str(e)
-        self.done, self.affine_of = True, None
+            notes.setdefault("int8pack", str(e))
+            self.skipped = "; ".join(f"{k}: {v}" for k, v in notes.items())
+            self.choice.kernel, self.choice.reason = "exact", "no packed kernel applies"
+        if self.kernel is not None:
+            for family in ("int4pack", "int8pack"):
+                if family not in self.kernel.describe() and family not in notes:
+                    notes[family] = _why_not(family, self.kernel)
+        self.choice.not_taken = notes
+        self.done, self.affine_of, self.dense_rows = True, None, None
+        self.seconds = time.perf_counter() - t0
+
+
+def _why_not(family: str, kernel) -> str:
+    if family == "int8pack":
+        return "int4pack keeps the checkpoint's codes and reads half the bytes"
+    return ("not affine integer codes in groups of 32+: requantized to int8 per row" if kernel.requantized
+            else "8-bit codes with one scale per row: the int8 kernel computes them as stored")
+
+
+def _check_device(device: torch.device) -> None:
+    if device.type == "cuda":
+        if not _cuda_int4_available():
+            raise NotEligible("torch has no CUDA int4pack kernel here", fallback=False)
+        return
+    if device.type != "cpu":
+        raise NotEligible(f"packed kernels are used on CPU and CUDA only (weight on {device.type})", fallback=False)
+
+
+def _cuda_int4_available() -> bool:
+    """tinygemm's CUDA kernel: torch built with CUDA, compute capability 8.0+ (what the kernel needs)."""
+    if not torch.cuda.is_available() or not hasattr(torch.ops.aten, "_weight_int4pack_mm"):
+        return False
+    return torch.cuda.get_device_capability()[0] >= 8
+
+
+def _probe_cuda(kernel, qt) -> None:
+    """UNCHECKED on a GPU when written: the CUDA int4 path is validated once per weight at repack time
+    against the exact weight (one random input row), so a layout mismatch falls back to the exact path
+    instead of computing garbage."""
+    x = torch.randn(1, kernel.n_in, device=qt.device, generator=None)
+    ref = F.linear(x, qt.dequantize(torch.float32))
+    y = kernel(x, None).float()
+    err = (y - ref).norm() / ref.norm().clamp_min(1e-30)
+    if not bool(err < 0.02):
+        raise NotEligible(f"the CUDA int4 kernel disagrees with the exact weight (relative error {float(err):.3g})",
+                          fallback=False)
+
+
+def _int8_from_exact(qt, dense_rows) -> "Int8Packed":
+    """Requantize the exact weight to int8 per row (int8_rows), reading it a chunk of rows at a time."""
+    if qt.ndim != 2:
+        raise NotEligible(f"{qt.ndim}-d weight", fallback=False)
+    if qt.device.type != "cpu":
+        raise NotEligible("int8pack rows is used on CPU only", fallback=False)
+    n_out, n_in = qt.shape
+    if dense_rows is None:
+        full = qt.dequantize(torch.float32)
+        return int8_rows(n_out, n_in, lambda r0, r1: full[r0:r1].clone())
+    return int8_rows(n_out, n_in, lambda r0, r1: dense_rows(qt, r0, r1))
+
+
+HEAD_CANDIDATES = 32     # logits of the output head recomputed exactly per row (see TopRefined)
+
+
+class TopRefined:
+    """The output head's kernel, with its top logits recomputed exactly.
+
+    The packed kernels round their output to bfloat16: a logit of 20 is then off by up to 1/16, enough
+    to swap the top two tokens where they are close (measured on SmolLM2 Q4_1, 4096 tokens: top-1
+    agreement with the exact path 97.6% with the head on the kernel, 99.2% with it exact). So the head
+    keeps the kernel for all logits, then recomputes the HEAD_CANDIDATES largest of each row from the
+    exact rows of the weight (`rows_at(qt, idx)`: a GGUF gathers those rows' blocks and dequantizes only
+    them), in float32: the argmax, and the probabilities that matter, are the exact path's."""
+    requantized = False
+
+    def __init__(self, inner, qt, rows_at, k: int = HEAD_CANDIDATES):
+        self.inner, self.qt, self.rows_at = inner, qt, rows_at
+        self.k = min(k, inner.n_out)
+        self.n_in, self.n_out, self.device = inner.n_in, inner.n_out, inner.device
+        self.max_rows, self.max_elements = inner.max_rows, inner.max_elements
+        self.requantized = inner.requantized
+
+    @property
+    def nbytes(self) -> int:
+        return self.inner.nbytes
+
+    def describe(self) -> str:
+        return self.inner.describe()
+
+    def why(self) -> str:
+        return self.inner.why() + f"; the {self.k} largest logits of each row recomputed exactly"
+
+    def __repr__(self) -> str:
+        return f"TopRefined({self.inner!r}, top {self.k})"
+
+    def __call__(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        y = self.inner(x, bias)
+        x2, y2 = x.reshape(-1, self.n_in), y.view(-1, self.n_out)
+        idx = y2.topk(self.k, dim=-1).indices                                   # [m, k]
+        w = self.rows_at(self.qt, idx.reshape(-1)).view(*idx.shape, self.n_in)    # float32 exact rows
+        exact = torch.einsum("mi,mki->mk", x2.float(), w)
+        if bias is not None:
+            exact = exact + bias.float()[idx]
+        y2.scatter_(1, idx, exact.to(y.dtype))
+        return y
+
+
+def mark_output_head(model) -> None:
+    """At the end of a load: the output head (model.get_output_embeddings()), when it is a quantized
+    weight marked for a kernel whose scheme can read single rows exactly, gets TopRefined."""
+    try:
+        head = model.get_output_embeddings()
+    except (AttributeError, NotImplementedError):
+        return
+    qt = getattr(head, "qweight", None)
+    pending = qt.meta.get(PENDING_KEY) if qt is not None else None
+    rows_at = getattr(qt.scheme, "rows_at", None) if qt is not None else None
+    if pending is not None and rows_at is not None:
+        pending.head_rows = rows_at
 
 
 def packed_kernel(qt) -> _Packed | None:
@@ -391,7 +668,7 @@ class FastLinear:
         raise NotEligible(f"{type(self).__name__} has no packed form")
 
     def prepare_runtime(self, qt):
-        return attach_fast(qt, self.affine_weight)
+        return attach_fast(qt, self.affine_weight, getattr(self, "dense_rows", None))
 
     def linear(self, x, qt, bias):
         y = fast_linear(x, qt, bias)
@@ -424,7 +701,7 @@ def fast_linear(x: torch.Tensor, qt, bias: torch.Tensor | None) -> torch.Tensor 
         kernel = packed_kernel(qt) if PENDING_KEY in qt.meta else None
         if kernel is None:
             return None
-    if x.shape[-1] != kernel.n_in or x.numel() > kernel.max_elements or not x.is_floating_point():
+    if x.shape[-1] != kernel.n_in or (x.numel() > kernel.max_elements and not _any_rows) or not x.is_floating_point():
         return None
     if x.device != kernel.device:
         return None

@@ -2,7 +2,7 @@
 runtime-quantization configs built on them.
 
 The math is compressed-tensors' own (`calculate_qparams`, `_quantize`, `_dequantize` in its CPU path,
-formats.md §5.1), done op for op in the same dtypes (min-max statistics in float32 as llm-compressor's
+docs/formats.md §5.1), done op for op in the same dtypes (min-max statistics in float32 as llm-compressor's
 observer keeps them, the scale stored in the weight's dtype, quantization in the weight's dtype), so a weight
 quantized here packs to the very bytes compressed-tensors writes for the same weight and args. On CUDA,
 compressed-tensors itself switches to a Triton kernel that divides in float32; we keep the CPU semantics on

@@ -1,4 +1,4 @@
-"""AWQ checkpoints (AutoAWQ, transformers' AwqConfig): formats.md §4. 4-bit only.
+"""AWQ checkpoints (AutoAWQ, transformers' AwqConfig): docs/formats.md §4. 4-bit only.
 
 GEMM (version "gemm", the common one), in_features I, out_features O, G = group_size:
   qweight int32 [I, O/8]    packed along the OUTPUT dim, nibble i of a word = column 8c + ORDER[i]

@@ -1,4 +1,4 @@
-"""bitsandbytes 4-bit (NF4 / FP4) as `Linear4bit` / `Params4bit` write it: formats.md §1. Plain torch,
+"""bitsandbytes 4-bit (NF4 / FP4) as `Linear4bit` / `Params4bit` write it: docs/formats.md §1. Plain torch,
 bitsandbytes is never imported.
 
 Per Linear weight of n = O*I elements, blocks of `blocksize` consecutive elements of the flattened weight:
@@ -44,7 +44,7 @@ _COMPANIONS = ("weight.absmax", "weight.quant_map", "weight.nested_absmax", "wei
 _JSON_KEYS = ("quant_type", "blocksize", "dtype", "shape")
 _NESTED_JSON_KEYS = ("nested_blocksize", "nested_dtype", "nested_offset")
 
-# The two 16-entry tables as float32 bit patterns (formats.md §1.4), index = 4-bit code.
+# The two 16-entry tables as float32 bit patterns (docs/formats.md §1.4), index = 4-bit code.
 _TABLE_BITS = {
     "nf4": (0xbf800000, 0xbf3239b1, 0xbf066b30, 0xbeca32a0, 0xbe91a24d, 0xbe3d353f, 0xbdba7871, 0x00000000,
             0x3da2faff, 0x3e24cae3, 0x3e7c04dd, 0x3ead033a, 0x3ee1a4b8, 0x3f1007ab, 0x3f3913b3, 0x3f800000),
@@ -273,13 +273,21 @@ def _quantize_blockwise_dynamic(a: torch.Tensor, blocksize: int = NESTED_BLOCKSI
 
 
 def dequantize_nested_absmax(codes: torch.Tensor, nested_absmax: torch.Tensor, offset: float,
-                             nested_blocksize: int, nested_map: torch.Tensor | None = None) -> torch.Tensor:
-    """float32 absmax = map[code] * nested_absmax[i // nested_blocksize] + offset (two roundings, as bnb)."""
+                             nested_blocksize: int, nested_map: torch.Tensor | None = None,
+                             nested_dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """float32 absmax = map[code] * nested_absmax[i // nested_blocksize] + offset (two roundings, as bnb).
+    With a 16-bit nested_dtype (bnb writes it when it re-quantizes the statistics of a weight its
+    AVX512-BF16 path converted) bnb rounds the product to that dtype, adds the float32 offset in place
+    (torch's own in-place add on that dtype) and widens to float32: the same ops, done here."""
     nested_map = _dynamic_on(codes.device) if nested_map is None else nested_map
     nb = codes.numel()
     vals = nested_map.index_select(0, codes.to(torch.int32))
     vals = F.pad(vals, (0, nested_absmax.numel() * nested_blocksize - nb)).view(-1, nested_blocksize)
     absmax = (vals * nested_absmax.unsqueeze(1)).view(-1)[:nb]
+    if nested_dtype != torch.float32:
+        absmax = absmax.to(nested_dtype)
+        absmax += torch.tensor(offset, dtype=torch.float32, device=absmax.device)
+        return absmax.float()
     return absmax + offset   # offset is a float32 value: the sum rounds exactly as bnb's float32 add
 
 
@@ -400,6 +408,13 @@ class Bnb4Scheme(Scheme):
                                   "no nested_blocksize/nested_dtype/nested_offset", file=file, key=key(qs_suffix))
 
         absmax = pieces["weight.absmax"]
+        warnings = []
+        if not nested and _is_cpu_packed_absmax(absmax, wshape, blocksize):
+            absmax = absmax.t().reshape(-1).float()
+            warnings.append(f"'{key('weight.absmax')}' is bfloat16 {list(pieces['weight.absmax'].shape)}, the "
+                            "layout bitsandbytes' AVX512-BF16 CPU path leaves behind after a forward; repaired to "
+                            f"float32 [{nb}] (values already rounded to bfloat16 by bitsandbytes; bitsandbytes "
+                            "itself reloads this file wrongly)")
         want_dtype = torch.uint8 if nested else torch.float32
         if absmax.dtype != want_dtype:
             why = "double-quant absmax codes" if nested else "absmax without double quant"
@@ -411,7 +426,7 @@ class Bnb4Scheme(Scheme):
 
         data = {"codes": codes}
         qmeta = {"quant_type": quant_type, "blocksize": blocksize, "quant_storage": weight.dtype,
-                 "packed_shape": tuple(weight.shape), "nested": nested}
+                 "packed_shape": tuple(weight.shape), "nested": nested, "warnings": warnings}
         if nested:
             nbs = meta["nested_blocksize"]
             nested_absmax, nested_map = pieces["weight.nested_absmax"], pieces["weight.nested_quant_map"]
@@ -427,7 +442,7 @@ class Bnb4Scheme(Scheme):
             # bnb decodes with the stored map; keep it only when it is not the standard one
             if not torch.equal(nested_map.cpu().view(torch.int32), dynamic_map().view(torch.int32)):
                 data["nested_quant_map"] = nested_map
-            qmeta.update(nested_blocksize=nbs, nested_offset=meta["nested_offset"])
+            qmeta.update(nested_blocksize=nbs, nested_offset=meta["nested_offset"], nested_dtype=meta["nested_dtype"])
         else:
             data["absmax"] = absmax
         scheme = self._sibling(quant_type, blocksize, nested, weight.dtype)
@@ -460,7 +475,8 @@ class Bnb4Scheme(Scheme):
         if not qt.meta["nested"]:
             return qt.data["absmax"]
         return dequantize_nested_absmax(qt.data["absmax_codes"], qt.data["nested_absmax"], qt.meta["nested_offset"],
-                                        qt.meta["nested_blocksize"], qt.data.get("nested_quant_map"))
+                                        qt.meta["nested_blocksize"], qt.data.get("nested_quant_map"),
+                                        qt.meta.get("nested_dtype", torch.float32))
 
     def dequantize(self, qt: QTensor, dtype: torch.dtype) -> torch.Tensor:
         w = dequantize_4bit(qt.data["codes"], self.block_absmax(qt), qt.numel(), qt.meta["blocksize"],
@@ -482,7 +498,8 @@ class Bnb4Scheme(Scheme):
             out["weight.quant_map"] = code_table(m["quant_type"]).to(dev)
             out["weight.nested_absmax"] = qt.data["nested_absmax"]
             out["weight.nested_quant_map"] = (dynamic_map() if nested_map is None else nested_map).to(dev, copy=True)
-            blob.update(nested_blocksize=m["nested_blocksize"], nested_dtype="float32",
+            blob.update(nested_blocksize=m["nested_blocksize"],
+                        nested_dtype=_dtype_name(m.get("nested_dtype", torch.float32)),
                         nested_offset=m["nested_offset"])
         else:
             out["weight.absmax"] = qt.data["absmax"]
@@ -544,7 +561,7 @@ class Bnb4Scheme(Scheme):
 
 # --- quant_state JSON -------------------------------------------------------------------------------
 def _parse_quant_state(blob: torch.Tensor, suffix: str, *, file, key) -> dict:
-    """Validate the packed JSON (formats.md §1.1) and return quant_type, blocksize, dtype (torch),
+    """Validate the packed JSON (docs/formats.md §1.1) and return quant_type, blocksize, dtype (torch),
     shape (tuple) and, with double quant, nested_blocksize and nested_offset (float32 value)."""
     type_name = suffix[len(QS_PREFIX):]
     if not type_name.startswith(QS_TYPE_PREFIX):
@@ -561,6 +578,9 @@ def _parse_quant_state(blob: torch.Tensor, suffix: str, *, file, key) -> dict:
         d = json.loads(bytes(blob.cpu().numpy()).decode("utf-8"))
     except (UnicodeDecodeError, ValueError) as e:
         raise QuantStateError(f"quant_state is not valid UTF-8 JSON: {e}", file=file, key=key) from None
+    except RecursionError:
+        raise QuantStateError("quant_state JSON is nested too deeply to parse; expected a flat object",
+                              file=file, key=key) from None
     if not isinstance(d, dict):
         raise QuantStateError(f"quant_state JSON is a {type(d).__name__}, expected an object", file=file, key=key)
     unknown = sorted(set(d) - set(_JSON_KEYS) - set(_NESTED_JSON_KEYS))
@@ -601,13 +621,25 @@ def _parse_quant_state(blob: torch.Tensor, suffix: str, *, file, key) -> dict:
         nbs, ndt, off = d["nested_blocksize"], d["nested_dtype"], d["nested_offset"]
         if not _is_int(nbs) or nbs <= 0:
             raise QuantStateError(f"nested_blocksize {nbs!r}, expected a positive integer", file=file, key=key)
-        if ndt != "float32":
-            raise UnsupportedError(f"nested_dtype {ndt!r} is not supported; bitsandbytes writes 'float32'",
+        if nbs not in VALID_BLOCKSIZES:   # bnb's blockwise kernels take these; a huge one would be allocated
+            raise UnsupportedError(f"nested_blocksize {nbs} is not supported; expected one of "
+                                   f"{list(VALID_BLOCKSIZES)}", file=file, key=key)
+        if not isinstance(ndt, str) or ndt not in FLOAT_DTYPES:
+            # bnb's quantize_blockwise (which writes the nested statistics) takes these three
+            raise UnsupportedError(f"nested_dtype {ndt!r} is not supported; expected one of {list(FLOAT_DTYPES)}",
                                    file=file, key=key)
         if isinstance(off, bool) or not isinstance(off, (int, float)) or not math.isfinite(off):
             raise QuantStateError(f"nested_offset {off!r}, expected a finite number", file=file, key=key)
-        out.update(nested_blocksize=nbs, nested_offset=float(np.float32(off)))
+        out.update(nested_blocksize=nbs, nested_offset=float(np.float32(off)), nested_dtype=FLOAT_DTYPES[ndt])
     return out
+
+
+def _is_cpu_packed_absmax(absmax: torch.Tensor, wshape, blocksize: int) -> bool:
+    """bnb's `_convert_weight_packed_for_cpu` (run by Linear4bit.forward on AVX512-BF16 CPUs) replaces the
+    absmax of an [N, K] weight by bfloat16 absmax.reshape(N, K/blocksize).T; its save-time inverse
+    restores the codes but, without double quant, not the absmax. Only that exact shape and dtype."""
+    return (absmax.dtype == torch.bfloat16 and absmax.ndim == 2 and len(wshape) == 2
+            and wshape[1] % blocksize == 0 and tuple(absmax.shape) == (wshape[1] // blocksize, wshape[0]))
 
 
 def _is_int(v) -> bool:

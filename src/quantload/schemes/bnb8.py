@@ -1,4 +1,4 @@
-"""bitsandbytes LLM.int8 as `Linear8bitLt` / `Int8Params` write it: formats.md §2. Plain torch,
+"""bitsandbytes LLM.int8 as `Linear8bitLt` / `Int8Params` write it: docs/formats.md §2. Plain torch,
 bitsandbytes is never imported.
 
 Per Linear [O, I]:

@@ -1,4 +1,4 @@
-"""transformers' BitsAndBytesConfig dict -> BnbSpec (formats.md §1.6, §2).
+"""transformers' BitsAndBytesConfig dict -> BnbSpec (docs/formats.md §1.6, §2).
 
 Parses what `BitsAndBytesConfig(...).to_dict()` writes into config.json (and the subset users type), and
 renders it back in exactly that form. The scheme is Bnb4Scheme or Bnb8Scheme; modules in

@@ -1,4 +1,4 @@
-"""compressed-tensors checkpoints (llm-compressor, vLLM): formats.md §5.
+"""compressed-tensors checkpoints (llm-compressor, vLLM): docs/formats.md §5.
 
 pack-quantized (integer weights, 1..8 bits), per module at prefix p, weight [O, I]:
   weight_packed      int32 [O, ceil(I*bits/32)]  dense little-endian stream along the input dim, values
@@ -344,7 +344,7 @@ class CTNaiveScheme(_CTScheme):
 
 
 # --- quantization_config ------------------------------------------------------------------------
-_SUPPORTED_FORMATS = ("pack-quantized", *NAIVE_FORMATS, "dense")
+_SUPPORTED_FORMATS = ("pack-quantized", *NAIVE_FORMATS, "dense", "nvfp4-pack-quantized", "mxfp4-pack-quantized")
 
 
 def _ct_name_match(name: str, target: str) -> bool:
@@ -389,6 +389,10 @@ class CompressedTensorsSpec(QuantSpec):
     def _scheme(self, group: dict, top_format, file):
         if group.get("weights") is None:
             return None                                   # activation-only group: weights stay dense
+        fp4 = group.get("format") if top_format in (None, "mixed-precision") else top_format
+        if fp4 in ("nvfp4-pack-quantized", "mxfp4-pack-quantized"):  # E2M1 weights: schemes/nvfp4.py
+            from .nvfp4 import ct_fp4_scheme
+            return ct_fp4_scheme(fp4, group["weights"], file=file) if self.compressed else None
         args = WeightArgs.from_dict(group["weights"], file=file)
         fmt = group.get("format") if top_format in (None, "mixed-precision") else top_format
         if fmt is None:                                   # what compressed-tensors infers

@@ -1,4 +1,4 @@
-"""GPTQ checkpoints (AutoGPTQ, optimum, GPTQModel): formats.md §3.
+"""GPTQ checkpoints (AutoGPTQ, optimum, GPTQModel): docs/formats.md §3.
 
 Per Linear (in_features I, out_features O, ng = ceil(I / group_size)):
   qweight int32 [ceil(I*bits/32), O]   codes packed down the input dim (a little-endian bit stream)

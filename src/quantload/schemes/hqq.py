@@ -1,4 +1,4 @@
-"""HQQ checkpoints (hqq's HQQLinear.state_dict, as transformers saves them): formats.md §6.1.
+"""HQQ checkpoints (hqq's HQQLinear.state_dict, as transformers saves them): docs/formats.md §6.1.
 
 Per layer: W_q (packed codes), scale, zero, and the layer's own parameters encoded as tensors (bool -> uint8
 scalar, int -> int32 scalar, float -> float32 scalar, str and torch.dtype -> uint8 characters, torch.Size
@@ -16,6 +16,7 @@ import torch
 
 from ..config import QuantSpec
 from ..errors import QuantStateError, ShapeMismatchError, UnsupportedError
+from ..runtime import kernels
 from .base import QTensor, Scheme
 from .checks import expect_dtype, expect_shape, full_key, need
 from .intpack import unpack_planes
@@ -76,7 +77,7 @@ def _encode_meta(value) -> torch.Tensor:
     raise TypeError(f"cannot encode {value!r}")
 
 
-class HQQScheme(Scheme):
+class HQQScheme(kernels.FastLinear, Scheme):
     param_name = "weight"
     name = "hqq"
 

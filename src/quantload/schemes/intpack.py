@@ -1,6 +1,6 @@
 """Bit (un)packing of small unsigned integer codes, shared by every integer scheme.
 
-Two families of layout exist in the wild (formats.md §8):
+Two families of layout exist in the wild (docs/formats.md §8):
 
 * **streams**: codes laid end to end in little-endian int32 words, field k at bit k*bits, least
   significant bits first (GPTQ, compressed-tensors pack-quantized, AWQ). With 2/4/8 bits a word holds

@@ -1,4 +1,4 @@
-"""optimum-quanto checkpoints (QModule state dicts, as transformers saves them): formats.md §6.2.
+"""optimum-quanto checkpoints (QModule state dicts, as transformers saves them): docs/formats.md §6.2.
 
 qint8 / qfloat8: weight._data int8 (float8_e4m3fn) [O, I], weight._scale [O, 1] (or a scalar): W = data * scale.
 qint4 / qint2:   weight._data._data uint8, weight._scale [R, 1], weight._shift [R, 1], where the weight is
@@ -18,6 +18,7 @@ import torch
 
 from ..config import QuantSpec, module_matches
 from ..errors import ConfigError, ShapeMismatchError, UnsupportedError
+from ..runtime import kernels
 from .base import QTensor, Scheme
 from .checks import expect_dtype, expect_float, expect_shape, full_key, need
 from .intpack import unpack_planes
@@ -38,7 +39,7 @@ def canonical_qtype(name, *, file=None) -> str:
     return s
 
 
-class QuantoScheme(Scheme):
+class QuantoScheme(kernels.FastLinear, Scheme):
     param_name = "weight"
     #: extra keys a caller without a model may pass only to size the weight (not consumed)
     shape_hint_keys = ("bias",)

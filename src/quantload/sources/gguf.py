@@ -1,6 +1,6 @@
 """GGUF source: our own parser for GGUF v2/v3 little-endian files, memory-mapped read-only.
 
-Layout and the hostile-input checklist: ../shared/reference/gguf.md §1 (ggml's src/gguf.cpp is the
+Layout and the hostile-input checklist: docs/gguf.md §1 (ggml's src/gguf.cpp is the
 reference reader). Everything read from the file is validated before it is trusted: every count and
 length is bounded by the bytes that remain *before* any loop or allocation, so a 40-byte file that
 claims 2^63 tensors fails in microseconds instead of hanging (gguf-py 0.19.0 hangs on it). Errors are
@@ -243,6 +243,8 @@ class GGUFSource(Source):
         self.metadata = self.fields
         self.alignment = DEFAULT_ALIGNMENT
         self._tensors: dict[str, _TensorRecord] = {}
+        from . import require_regular_file
+        require_regular_file(self.path)
         self._mm = self._map()
         try:
             self._parse(_Cursor(self._mm, self.path))
@@ -296,7 +298,7 @@ class GGUFSource(Source):
         if version == 0:
             cur.fail("GGUF version 0 is invalid", "version", 4)
         if version & 0xFFFF == 0:
-            # The version word reads byte-swapped: the file was written big-endian (gguf.md §1.5).
+            # The version word reads byte-swapped: the file was written big-endian (docs/gguf.md §1.5).
             cur.fail(f"big-endian GGUF is not supported (version word {version:#010x} is byte-swapped "
                      f"version {int.from_bytes(version.to_bytes(4, 'little'), 'big')}); convert it with "
                      "gguf-py's gguf_convert_endian.py", "version", 4, UnsupportedError)

@@ -127,7 +127,7 @@ def _tensor_info(path: str, name: str, entry, data_start: int, data_size: int) -
     if not isinstance(entry, dict):
         raise bad(f"expected an object {{dtype, shape, data_offsets}}, found {type(entry).__name__}")
     dtype_name, shape, offsets = entry.get("dtype"), entry.get("shape"), entry.get("data_offsets")
-    if dtype_name not in SAFETENSORS_DTYPES:
+    if not isinstance(dtype_name, str) or dtype_name not in SAFETENSORS_DTYPES:  # a list is unhashable
         raise bad(f"unknown dtype {_short(dtype_name)}; expected one of {sorted(SAFETENSORS_DTYPES)}")
     dtype, bits = SAFETENSORS_DTYPES[dtype_name]
     # `type(x) is int` refuses bools (JSON true/false) and needs no call per element: this runs per tensor
@@ -181,9 +181,12 @@ def _check_coverage(path: str, infos: dict[str, TensorInfo], data_start: int, da
 
 def read_index(path: str) -> dict[str, str]:
     """{tensor name: shard path} from a *.index.json, every shard checked to exist."""
+    from . import require_regular_file
+    require_regular_file(path)
     try:
         with open(path, "rb") as f:
-            raw = f.read(MAX_HEADER_BYTES + 1)
+            # read(n) allocates n bytes up front: ask for no more than the file holds
+            raw = f.read(min(os.fstat(f.fileno()).st_size, MAX_HEADER_BYTES) + 1)
     except OSError as e:
         raise FileFormatError(f"cannot read: {e}", file=path) from None
     if len(raw) > MAX_HEADER_BYTES:
@@ -195,7 +198,7 @@ def read_index(path: str) -> dict[str, str]:
                               "{tensor name: shard file}", file=path)
     base, shards = os.path.dirname(path), {}
     for key, shard in weight_map.items():
-        if shard not in shards:
+        if not isinstance(shard, str) or shard not in shards:  # a list or object is unhashable
             # shard names are plain file names next to the index; never let one point elsewhere
             if (not isinstance(shard, str) or not shard or os.path.isabs(shard)
                     or ".." in shard.replace("\\", "/").split("/")):

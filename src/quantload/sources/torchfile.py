@@ -6,7 +6,10 @@ read whole. Prefer safetensors for untrusted input: torch's zip reader is less s
 """
 from __future__ import annotations
 
+import io
+import os
 import pickle
+import re
 
 import torch
 
@@ -21,6 +24,20 @@ NESTED_STATE_DICT_KEYS = ("state_dict", "model_state_dict", "model", "module")
 WRAPPER_PREFIXES = ("module.", "_orig_mod.")
 
 
+class _ReadNoMoreThanLeft(io.BufferedReader):
+    """read(n) allocates n bytes before reading: a legacy file's pickle declaring a 700 MB string in a
+    1 KB file must not make the unpickler allocate it. Reads are capped at what the file still holds."""
+
+    def __init__(self, raw):
+        super().__init__(raw)
+        self._size = os.fstat(raw.fileno()).st_size
+
+    def read(self, n=-1):
+        if n is not None and n > 0:
+            n = max(0, min(n, self._size - self.tell()))
+        return super().read(n)
+
+
 def load_torch_file(path: str):
     """torch.load with weights_only=True, mmap when the format allows; every failure a FileFormatError."""
     check_not_lfs_pointer(path)
@@ -30,10 +47,11 @@ def load_torch_file(path: str):
         except RuntimeError as e:
             if "mmap can only be used" not in str(e):
                 raise
-            return torch.load(path, map_location="cpu", weights_only=True)  # legacy, non-zip format
+            with _ReadNoMoreThanLeft(io.FileIO(path, "rb")) as f:   # legacy, non-zip format
+                return torch.load(f, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
-        reason = str(e).partition("WeightsUnpickler error:")[2].strip().split("\n")[0] or str(e)[:200]
-        if "global" in reason.lower():
+        kind, reason = refused_pickle_reason(str(e))
+        if kind == "global":
             raise FileFormatError(f"the file contains objects that are not plain tensors ({reason}); "
                                   "quantload never unpickles arbitrary code. Convert it to safetensors "
                                   "where you trust it", file=path) from None
@@ -44,6 +62,28 @@ def load_torch_file(path: str):
         first_line = (str(e).strip().split("\n") or [""])[0][:200]
         raise FileFormatError(f"not a readable PyTorch checkpoint, truncated or corrupt "
                               f"({type(e).__name__}: {first_line})", file=path) from None
+
+
+# torch's weights_only unpickler names what it refused in one of these forms (torch 2.6 .. 2.13: "Unsupported
+# global: GLOBAL m.C was not an allowed global by default", "Trying to load unsupported GLOBAL posix.system
+# whose module posix is blocked", "... must be m.C to load"); the text around it changes between releases.
+_GLOBAL_PATTERNS = (re.compile(r"GLOBAL (\S+?)(?: was not an allowed global| whose module|[.,;]?\s|$)"),
+                    re.compile(r"(\S+) must be (\S+) to load"))
+_TORCH_BOILERPLATE = ("weights only load failed", "in pytorch 2.6", "re-running", "check the documentation",
+                      "please file an issue", "this file can still be loaded", "(1)", "(2)")
+
+
+def refused_pickle_reason(message: str) -> tuple[str, str]:
+    """("global", "posix.system") when torch refused to import a global (a class or function the pickle
+    names: never run), else ("corrupt", the line of torch's message that says what was wrong)."""
+    for pattern in _GLOBAL_PATTERNS:
+        m = pattern.search(message)
+        if m:
+            return "global", f"it names the global {m.group(1)!r}, which was not imported"
+    detail = message.partition("WeightsUnpickler error:")[2] or message
+    lines = [ln.strip() for ln in detail.split("\n") if ln.strip()]
+    useful = [ln for ln in lines if not ln.lower().startswith(_TORCH_BOILERPLATE)]
+    return "corrupt", (useful[0] if useful else (lines[0] if lines else "no detail"))[:200]
 
 
 def _find_state_dict(obj, depth: int = 0):

@@ -1,6 +1,6 @@
 """GGUF v3 little-endian bytes: the header, metadata key-values and tensor-info records.
 
-Layout: ../shared/reference/gguf.md §1. Values are typed the way gguf-py's GGUFWriter types them
+Layout: docs/gguf.md §1. Values are typed the way gguf-py's GGUFWriter types them
 (numpy scalars and arrays keep their dtype, Python int -> INT32, float -> FLOAT32, bool -> BOOL,
 str -> STRING, list -> ARRAY of its elements' type), so a field we write reads back equal.
 """

@@ -16,13 +16,13 @@ quantized with the GGUF schemes, which write gguf-py's quantize() bytes.
 
 Streaming: the header (tensor infos, offsets) is computed from shapes and types alone, then each tensor
 is produced, written and dropped in turn, so at most one tensor's float copy exists. The file is
-written to a temporary name beside the target and renamed over it when complete.
+written to a hidden temporary name beside the target (`.out.gguf.quantload-tmp-<pid>-<rand>`, which no
+loader picks up and the next save removes if a crash left it), synced, and renamed over it when complete.
 """
 from __future__ import annotations
 
 import math
 import os
-import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -31,10 +31,11 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..errors import ConfigError, ShapeMismatchError, UnsupportedError
+from ..errors import ConfigError, ShapeMismatchError, UnsupportedError, WriteError
 from ..ggml_types import GGML_TYPES, row_bytes
 from ..schemes.base import QTensor
 from .gguf_format import DEFAULT_ALIGNMENT, align_offset, check_alignment, encode_header, encode_tensor_info
+from .staging import fsync_dir, make_parent, remove_leftovers, step, temp_name, writing
 
 F32, F16, BF16 = 0, 1, 30
 GGML_QNT_VERSION = 2
@@ -221,9 +222,17 @@ def save_gguf(model: nn.Module, path, *, tokenizer=None, quantize: str | None = 
     header = encode_header(fields, infos, alignment)
 
     d = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=os.path.basename(path), dir=d)
+    with writing(path):
+        if os.path.isdir(path):
+            raise WriteError("is a directory; a GGUF is written as one file", file=path)
+        make_parent(path)
+        remove_leftovers(d, os.path.basename(path))
+        tmp = os.path.join(d, temp_name(os.path.basename(path)))
+        # a plain create: the user's umask gives the mode (mkstemp made it 0600)
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+    step("staged")
     try:
-        with os.fdopen(fd, "wb") as f:
+        with writing(path), os.fdopen(fd, "wb") as f:
             f.write(header)
             for t in planned:
                 data = t.produce()
@@ -234,7 +243,14 @@ def save_gguf(model: nn.Module, path, *, tokenizer=None, quantize: str | None = 
                 f.write(data.detach().contiguous().reshape(-1).cpu().numpy().data)
                 del data
                 f.write(b"\0" * (align_offset(t.nbytes, alignment) - t.nbytes))
-        os.replace(tmp, path)
+                step(f"wrote {t.name}")
+            f.flush()
+            os.fsync(f.fileno())
+        step("before-switch")
+        with writing(path):
+            os.replace(tmp, path)
+        fsync_dir(d)
+        step("switched")
     except BaseException:
         if os.path.exists(tmp):
             os.unlink(tmp)

@@ -2,34 +2,22 @@
 
 QLinear modules put their scheme's encoded pieces in `state_dict()` under the exact key names the
 defining tool writes (bitsandbytes' weight.absmax / quant_state..., compressed-tensors' weight_packed...),
-so this writer only shards, deduplicates tied tensors and writes atomically.
+so this writer only shards, deduplicates tied tensors and writes. The whole checkpoint (shards, index,
+config.json, generation_config.json, the tokenizer's files) is staged beside the target and switched in
+at once (staging.py): a crash at any point leaves the old checkpoint or the new one, never a mix.
 """
 from __future__ import annotations
 
 import json
 import os
-import tempfile
 
 import torch
 from safetensors.torch import save_file
 
 from ..errors import ConfigError
+from .staging import StagedDirectory, step, writing
 
 DEFAULT_SHARD = 5 * 10**9
-
-
-def _atomic_write(final: str, write) -> None:
-    """Write through a temporary file in the same directory, then rename over the target."""
-    d = os.path.dirname(os.path.abspath(final))
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=os.path.basename(final), dir=d)
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, final)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
 
 
 def checkpoint_tensors(model) -> dict[str, torch.Tensor]:
@@ -66,34 +54,46 @@ def _shards(tensors: dict[str, torch.Tensor], limit: int) -> list[dict[str, torc
     return shards
 
 
-def save_checkpoint(model, out_dir: str, *, max_shard_size: int = DEFAULT_SHARD) -> list[str]:
-    """Write model.safetensors (or shards + model.safetensors.index.json) and config.json."""
-    os.makedirs(out_dir, exist_ok=True)
+def save_checkpoint(model, out_dir: str, *, max_shard_size: int = DEFAULT_SHARD, tokenizer=None) -> list[str]:
+    """Write model.safetensors (or shards + model.safetensors.index.json), config.json,
+    generation_config.json and the tokenizer's files as one switch; returns the written paths (the
+    shards, the index, config.json, then the tokenizer's files)."""
     tensors = checkpoint_tensors(model)
     shards = _shards(tensors, max_shard_size)
     n = len(shards)
     names = ["model.safetensors"] if n == 1 else [f"model-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)]
-    written = []
-    for name, shard in zip(names, shards):
-        path = os.path.join(out_dir, name)
-        _atomic_write(path, lambda tmp, shard=shard: save_file(shard, tmp, metadata={"format": "pt"}))
-        written.append(path)
-    index = os.path.join(out_dir, "model.safetensors.index.json")
-    if n > 1:
-        total = sum(t.numel() * t.element_size() for t in tensors.values())
-        weight_map = {k: name for name, shard in zip(names, shards) for k in shard}
-        body = json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2)
-        _atomic_write(index, lambda tmp: open(tmp, "w").write(body))
-        written.append(index)
-    elif os.path.exists(index):
-        os.unlink(index)  # a stale index from an earlier sharded save would shadow the new file
-    cfg = getattr(model, "config", None)
-    if cfg is not None:
-        cfg_path = os.path.join(out_dir, "config.json")
-        _atomic_write(cfg_path, lambda tmp: cfg.to_json_file(tmp))
-        written.append(cfg_path)
-        gen = getattr(model, "generation_config", None)
-        if gen is not None:
-            gpath = os.path.join(out_dir, "generation_config.json")
-            _atomic_write(gpath, lambda tmp: gen.to_json_file(tmp))
+    written: list[str] = []
+    with StagedDirectory(out_dir) as stage:
+        final = stage.out
+
+        def put(name: str, write) -> None:
+            with writing(os.path.join(final, name)):
+                write(os.path.join(stage.path, name))
+            step(f"wrote {name}")
+            written.append(os.path.join(final, name))
+
+        for name, shard in zip(names, shards):
+            put(name, lambda p, shard=shard: save_file(shard, p, metadata={"format": "pt"}))
+        if n > 1:
+            total = sum(t.numel() * t.element_size() for t in tensors.values())
+            weight_map = {k: name for name, shard in zip(names, shards) for k in shard}
+            body = json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2)
+            put("model.safetensors.index.json", lambda p: _write_text(p, body))
+        cfg = getattr(model, "config", None)
+        if cfg is not None:
+            put("config.json", cfg.to_json_file)
+            gen = getattr(model, "generation_config", None)
+            if gen is not None:
+                put("generation_config.json", gen.to_json_file)
+                written.pop()   # not listed, as before
+        if tokenizer is not None:
+            with writing(final):
+                files = tokenizer.save_pretrained(stage.path)
+            written.extend(os.path.join(final, os.path.relpath(os.fspath(f), stage.path)) for f in files)
+            step("wrote tokenizer")
     return written
+
+
+def _write_text(path: str, body: str) -> None:
+    with open(path, "w") as f:
+        f.write(body)

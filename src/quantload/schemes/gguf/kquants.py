@@ -124,3 +124,40 @@ def q8_k(b, out):
 
 
 DECODERS = {10: q2_k, 11: q3_k, 12: q4_k, 13: q5_k, 14: q6_k, 15: q8_k}
+
+
+# --- the fast runtime path (runtime/kernels.py): Q4_K / Q5_K as affine integer codes ----------------------
+# Both are exactly W = q * (d * sc) - dmin * m per 32-element sub-block (the decoders above compute this
+# very float32 arithmetic), so they map onto the int4 kernel at group 32 with the checkpoint's own codes.
+def q4_k_codes(b: torch.Tensor) -> torch.Tensor:
+    """uint8 [n, 256] codes of Q4_K blocks in element order (the q4_k decoder's bit layout)."""
+    n = b.shape[0]
+    qs = b.view(torch.int64)[:, 2:18].view(n, 4, 4)
+    codes = torch.empty((n, 4, 2, 4), dtype=torch.int64, device=b.device)
+    torch.bitwise_and(qs, rep(15), out=codes[:, :, 0])
+    torch.bitwise_and(qs >> 4, rep(15), out=codes[:, :, 1])
+    return codes.view(torch.uint8).view(n, 256)
+
+
+def q5_k_codes(b: torch.Tensor) -> torch.Tensor:
+    """uint8 [n, 256] codes (0..31) of Q5_K blocks in element order (the q5_k decoder's bit layout)."""
+    n = b.shape[0]
+    w = b.view(torch.int64)
+    qs = w[:, 6:22].view(n, 4, 4)
+    h = (cut(w[:, 2:6], tuple(range(8)), rep(1), dim=0) << 4).view(4, 2, n, 4)
+    codes = torch.empty((n, 4, 2, 4), dtype=torch.int64, device=b.device)
+    for nib in range(2):
+        nibbles = (qs >> 4 * nib if nib else qs) & rep(15)
+        torch.bitwise_or(nibbles, h[:, nib].movedim(1, 0), out=codes[:, :, nib])
+    return codes.view(torch.uint8).view(n, 256)
+
+
+def affine_k(type_id: int, b: torch.Tensor):
+    """(codes uint8 [n, 256], bits, scale [n, 8], bias [n, 8]) with W = codes * scale + bias for Q4_K
+    (12) and Q5_K (13); None for the other K-quants (16-element sub-blocks: no int4 kernel group)."""
+    if type_id not in (12, 13):
+        return None
+    b = b.contiguous()
+    dl, ml = k4_scales(b)
+    codes = q4_k_codes(b) if type_id == 12 else q5_k_codes(b)
+    return codes, 4 if type_id == 12 else 5, dl.squeeze(-1), -ml.squeeze(-1)

@@ -96,14 +96,14 @@ DECODERS = {0: f32_type, 1: f16_type, 30: bf16_type, 2: q4_0, 3: q4_1, 6: q5_0, 
 
 
 def q1_0(b, out):
-    """Not in gguf-py 0.19 (reference: gguf.md 2.3, checked there against ggml's C): 128 signs, bit j of
+    """Not in gguf-py 0.19 (reference: docs/gguf.md 2.3, checked there against ggml's C): 128 signs, bit j of
     qs -> element j, value +d or -d."""
     out.copy_(spread_bits(b[:, 2:18], 1, 0xFF).view(torch.int8))
     out.mul_(half(b, 0))
 
 
 def q2_0(b, out):
-    """Not in gguf-py 0.19 (reference: gguf.md 2.3): 64 values of 2 bits, least significant first,
+    """Not in gguf-py 0.19 (reference: docs/gguf.md 2.3): 64 values of 2 bits, least significant first,
     (q - 1) * d."""
     out.copy_((grids.lanes("crumbs", b[:, 2:18]) - 1).view(torch.int8))
     out.mul_(half(b, 0))

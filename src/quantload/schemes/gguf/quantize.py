@@ -1,5 +1,5 @@
 """The writer side: float weights -> ggml blocks, byte for byte what gguf-py 0.19's quantize() writes
-(which for Q8_0 .. Q5_1 is ggml's `quantize_row_*_ref`, see gguf.md 3.1), for F32, F16, BF16, Q8_0,
+(which for Q8_0 .. Q5_1 is ggml's `quantize_row_*_ref`, see docs/gguf.md 3.1), for F32, F16, BF16, Q8_0,
 Q4_0, Q4_1, Q5_0 and Q5_1. Float32 arithmetic in gguf-py's order; rounding spelled out where torch's
 defaults differ (C roundf rounds half away from zero, torch.round to even).
 """

@@ -18,6 +18,7 @@ from ...ggml_types import GGML_TYPES, GGMLType
 from ...runtime import kernels
 from ..base import QTensor, Scheme
 from .dequant import decoder, dequantize_blocks
+from .kquants import affine_k
 from .legacy import affine_codes
 from .quantize import quantize_blocks
 
@@ -120,23 +121,50 @@ class GGUFScheme(Scheme):
         return F.linear(x, w, bias.to(x.dtype) if bias is not None else None)
 
     def prepare_runtime(self, qt: QTensor) -> QTensor:
-        """Q4_0/Q4_1/Q5_0/Q5_1/Q8_0 matrices get the packed int4 kernel (runtime/kernels.py), repacked
-        once here; the blocks stay as they are for encode() and dequantize()."""
-        return kernels.attach_fast(qt, self.affine_weight)
+        """Every quantized matrix is marked for a packed kernel (runtime/kernels.py), repacked on its
+        first forward: Q4_0/Q4_1/Q5_0/Q5_1/Q8_0/Q4_K/Q5_K keep their codes (int4 kernel, group 32);
+        the others (Q2_K, Q3_K, Q6_K, the i-quants, ...) are decoded exactly, then requantized to int8
+        per row. Plain float types stay as they are. The blocks stay untouched for encode() and
+        dequantize()."""
+        if self.type_id in _PLAIN:
+            return qt
+        return kernels.attach_fast(qt, self.affine_weight, self.dense_rows)
 
     def affine_weight(self, qt: QTensor) -> kernels.AffineWeight:
-        """Codes [rows, cols] with one scale and zero (or offset m) per block of a row."""
+        """Codes [rows, cols] with one scale and zero (or offset m) per block / 32-element sub-block."""
         if qt.ndim != 2:
-            raise kernels.NotEligible(f"{qt.ndim}-d tensor")
+            raise kernels.NotEligible(f"{qt.ndim}-d tensor", fallback=False)
         b = model_blocks(qt).reshape(-1, self.type_size)
-        parts = affine_codes(self.type_id, b)
-        if parts is None:
-            raise kernels.NotEligible(f"{self.ggml.name} blocks have no packed kernel")
-        codes, bits, scale, zero, bias = parts
         rows, cols = qt.shape
-        per_block = [None if t is None else t.reshape(rows, cols // self.block_size) for t in (scale, zero, bias)]
-        return kernels.AffineWeight(codes.reshape(rows, cols), per_block[0], bits, self.block_size,
-                                    zero=per_block[1], bias=per_block[2])
+        parts = affine_codes(self.type_id, b)
+        if parts is not None:
+            codes, bits, scale, zero, bias = parts
+            group = self.block_size
+        else:
+            k = affine_k(self.type_id, b)
+            if k is None:
+                raise kernels.NotEligible(f"{self.ggml.name} blocks are not affine integer codes in groups of 32+")
+            codes, bits, scale, bias = k
+            zero, group = None, 32
+        per_group = [None if t is None else t.reshape(rows, cols // group) for t in (scale, zero, bias)]
+        return kernels.AffineWeight(codes.reshape(rows, cols), per_group[0], bits, group,
+                                    zero=per_group[1], bias=per_group[2])
+
+    def dense_rows(self, qt: QTensor, r0: int, r1: int) -> torch.Tensor:
+        """Rows r0..r1 of the exact weight, float32 (the int8 requantization reads them a chunk at a time)."""
+        blocks = qt.data["blocks"]
+        order = qt.meta.get(ROW_ORDER)
+        rows = blocks[r0:r1] if order is None else blocks.index_select(0, order[r0:r1].to(blocks.device))
+        return dequantize_blocks(self.type_id, rows, torch.float32)
+
+    def rows_at(self, qt: QTensor, idx: torch.Tensor) -> torch.Tensor:
+        """The exact float32 rows `idx` (any order, repeats allowed) of a 2-D weight: [len(idx), cols]."""
+        blocks = qt.data["blocks"]
+        order = qt.meta.get(ROW_ORDER)
+        idx = idx.to(blocks.device)
+        if order is not None:
+            idx = order.to(blocks.device)[idx]
+        return dequantize_blocks(self.type_id, blocks.index_select(0, idx), torch.float32)
 
     def embedding(self, ids: torch.Tensor, qt: QTensor, dtype: torch.dtype) -> torch.Tensor:
         """Rows of a [num_embeddings, dim] table: gathers only the rows' blocks, then dequantizes them."""

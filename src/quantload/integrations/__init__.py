@@ -1,0 +1,1 @@
+"""Ways into quantload from other libraries (transformers' from_pretrained)."""
