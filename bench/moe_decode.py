@@ -121,7 +121,9 @@ def main(argv=None) -> dict:
     p.add_argument("--experts", type=int, default=16)
     p.add_argument("--expert-size", type=int, default=256)
     p.add_argument("--topk", type=int, default=2)
-    p.add_argument("--fast", action="store_true", help="quantload's packed CPU kernels (runtime/kernels.py) on")
+    p.add_argument("--fast", action="store_true",
+                   help="quantload's packed CPU kernels (runtime/kernels.py, the load default); without it the "
+                        "exact path (dequantize, then matmul), whose tokens must equal the reference's")
     p.add_argument("--json", action="store_true", help="print the result as one JSON object")
     a = p.parse_args(argv)
 

@@ -31,6 +31,15 @@ from test_gptq import autogptq_pack  # noqa: E402
 from test_gptq import reference_weight as gptq_reference  # noqa: E402
 
 E, TOPK, HIDDEN, INTER, VOCAB = 4, 2, 64, 32, 64
+
+
+@pytest.fixture(autouse=True)
+def exact_numerics():
+    """These tests hold quantload to the tools' own numerics: dequantize-then-matmul (quantload.set_exact),
+    not the packed kernels loads use by default (bfloat16 products, runtime/kernels.py)."""
+    previous = quantload.set_exact(True)
+    yield
+    quantload.set_exact(previous)
 IDS = torch.tensor([[1, 5, 9, 17, 3, 30, 44, 2, 11, 60]])
 
 

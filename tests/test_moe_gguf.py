@@ -36,6 +36,15 @@ from test_architectures import dequantize  # noqa: E402  (gguf-py's dequantizer,
 from test_moe import E, tiny_config  # noqa: E402
 
 V = gguf_build.VOCAB_SIZE
+
+
+@pytest.fixture(autouse=True)
+def exact_numerics():
+    """These tests hold quantload to the tools' own numerics: dequantize-then-matmul (quantload.set_exact),
+    not the packed kernels loads use by default (bfloat16 products, runtime/kernels.py)."""
+    previous = quantload.set_exact(True)
+    yield
+    quantload.set_exact(previous)
 IDS = [1, 5, 9, 17, 3, 30, 200, 101, 7, 8, 9, 10]   # 12 tokens: gpt-oss's 8-token window slides
 FAMILIES = ["qwen2_moe", "qwen3_moe", "gpt_oss", "mixtral", "minimax_m2"]
 # file kinds: (matrices, experts); gpt-oss's experts are MXFP4 as in the released files; "mxfp4" leaves
