@@ -65,7 +65,8 @@ def dequantized_reference(ours, config):
     for prefix, mod, layout in find_experts(ref):
         q = ours.get_submodule(prefix)
         assert isinstance(q, QExperts)
-        pop = lambda role, kind="weight": [sd.pop(f"{prefix}.{e}.{role}.{kind}") for e in range(layout.num_experts)]  # noqa: E731
+        def pop(role, kind="weight"):
+            return [sd.pop(f"{prefix}.{e}.{role}.{kind}") for e in range(layout.num_experts)]
         gate, up, down = torch.stack(pop("gate_proj")), torch.stack(pop("up_proj")), torch.stack(pop("down_proj"))
         if layout.interleaved:
             gu = torch.empty(layout.num_experts, 2 * layout.intermediate, layout.hidden)
@@ -75,7 +76,7 @@ def dequantized_reference(ours, config):
         sd[f"{prefix}.gate_up_proj"] = gu.transpose(1, 2).contiguous() if layout.transposed else gu
         sd[f"{prefix}.down_proj"] = down.transpose(1, 2).contiguous() if layout.transposed else down
         if layout.bias:
-            gb, ub, db = torch.stack(pop("gate_proj", "bias")), torch.stack(pop("up_proj", "bias")), torch.stack(pop("down_proj", "bias"))
+            gb, ub, db = (torch.stack(pop(r, "bias")) for r in ("gate_proj", "up_proj", "down_proj"))
             gub = torch.empty(layout.num_experts, 2 * layout.intermediate)
             gub[:, 0::2], gub[:, 1::2] = gb, ub
             sd[f"{prefix}.gate_up_proj_bias"], sd[f"{prefix}.down_proj_bias"] = gub, db
@@ -120,7 +121,9 @@ def main(argv=None) -> dict:
     p.add_argument("--experts", type=int, default=16)
     p.add_argument("--expert-size", type=int, default=256)
     p.add_argument("--topk", type=int, default=2)
-    p.add_argument("--fast", action="store_true", help="quantload's packed CPU kernels (runtime/kernels.py) on")
+    p.add_argument("--fast", action="store_true",
+                   help="quantload's packed CPU kernels (runtime/kernels.py, the load default); without it the "
+                        "exact path (dequantize, then matmul), whose tokens must equal the reference's")
     p.add_argument("--json", action="store_true", help="print the result as one JSON object")
     a = p.parse_args(argv)
 

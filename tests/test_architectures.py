@@ -547,7 +547,8 @@ def _expect(error, fragment, key, fields_over=None, tensors_edit=None, **kw):
      "llama.rope.scaling.type"),
     ({"tokenizer.ggml.eos_token_id": 40}, FileFormatError, "token id 40 is outside the vocabulary of 40",
      "tokenizer.ggml.eos_token_id"),
-    ({"llama.expert_count": 8}, UnsupportedArchitecture, "Mixtral-style MoE", "llama.expert_count"),
+    # llama with experts is Mixtral (architectures/mixtral.py): a file that says so must say how many are used
+    ({"llama.expert_count": 8}, FileFormatError, "required metadata key is missing", "llama.expert_used_count"),
     ({"llama.rope.dimension_count": 8}, UnsupportedError, "partial RoPE", "llama.rope.dimension_count"),
     ({"llama.attention.value_length": 8, "llama.attention.key_length": 16}, UnsupportedError,
      "key length 16 differs from value length 8", "llama.attention.value_length"),

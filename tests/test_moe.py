@@ -1,8 +1,8 @@
 """Mixture-of-experts models keep their experts quantized, one QTensor per expert per projection, and
 compute only the experts the router picked.
 
-Tiny random transformers models (2 layers, 4 experts, top-2, hidden 64) of Qwen2-MoE, Qwen3-MoE, Mixtral
-and gpt-oss are written as the tools write them: transformers' own save_pretrained (per-expert keys,
+Tiny random transformers models (2 layers, 4 experts, top-2, hidden 64) of Qwen2-MoE, Qwen3-MoE, Mixtral,
+gpt-oss and MiniMax-M2 are written as the tools write them: transformers' own save_pretrained (per-expert keys,
 Mixtral's block_sparse_moe names; gpt-oss fused), bitsandbytes' quantize_4bit per expert (the keys
 transformers 4 + bitsandbytes wrote), compressed-tensors' own compressor, and GPTQ / AWQ packed by the
 packers tests/test_gptq.py and tests/test_awq.py check against the tools' bytes. The reference is
@@ -31,6 +31,15 @@ from test_gptq import autogptq_pack  # noqa: E402
 from test_gptq import reference_weight as gptq_reference  # noqa: E402
 
 E, TOPK, HIDDEN, INTER, VOCAB = 4, 2, 64, 32, 64
+
+
+@pytest.fixture(autouse=True)
+def exact_numerics():
+    """These tests hold quantload to the tools' own numerics: dequantize-then-matmul (quantload.set_exact),
+    not the packed kernels loads use by default (bfloat16 products, runtime/kernels.py)."""
+    previous = quantload.set_exact(True)
+    yield
+    quantload.set_exact(previous)
 IDS = torch.tensor([[1, 5, 9, 17, 3, 30, 44, 2, 11, 60]])
 
 
@@ -50,10 +59,14 @@ def tiny_config(family):
     if family == "gpt_oss":
         return transformers.GptOssConfig(**common, head_dim=16, intermediate_size=INTER, num_local_experts=E,
                                          num_experts_per_tok=TOPK, sliding_window=8)
+    if family == "minimax_m2":
+        return transformers.MiniMaxM2Config(**common, head_dim=16, intermediate_size=INTER, num_local_experts=E,
+                                            num_experts_per_tok=TOPK, bos_token_id=1, eos_token_id=2)
     raise KeyError(family)
 
 
-FAMILIES = ["qwen2_moe", "qwen3_moe", "mixtral", "gpt_oss"]
+FAMILIES = ["qwen2_moe", "qwen3_moe", "mixtral", "gpt_oss", "minimax_m2"]
+MIXTRAL_STYLE = ("mixtral", "minimax_m2")     # block_sparse_moe.experts.N.w1/w3/w2 on the hub
 
 
 def tiny_model(family, seed=0):
@@ -64,6 +77,9 @@ def tiny_model(family, seed=0):
         for n, p in model.named_parameters():
             if "experts" in n or "router" in n or n.endswith("mlp.gate.weight"):
                 p.normal_(0, 0.2)
+        for n, b in model.named_buffers():
+            if n.endswith("e_score_correction_bias"):   # MiniMax-M2's routing bias: must be loaded, not left 0
+                b.normal_(0, 0.5)
     return model
 
 
@@ -121,10 +137,11 @@ def per_expert_state_dict(family, model):
     sd = {k: v.detach().clone() for k, v in model.state_dict().items()}
     for prefix in experts_prefixes(model):
         sd.update(split_experts(family, sd, prefix))
-    if family == "mixtral":
+    if family in MIXTRAL_STYLE:
         renamed = {}
         for k, v in sd.items():
             k = k.replace(".mlp.gate.", ".block_sparse_moe.gate.")
+            k = k.replace(".mlp.e_score_correction_bias", ".block_sparse_moe.e_score_correction_bias")
             for role, w in MIXTRAL_NAMES.items():
                 k = k.replace(f".{role}.", f".{w}.") if ".mlp.experts." in k else k
             renamed[k.replace(".mlp.experts.", ".block_sparse_moe.experts.")] = v
@@ -134,11 +151,12 @@ def per_expert_state_dict(family, model):
 
 def model_names(family, sd):
     """Hub names -> the model's per-expert names (Mixtral back from block_sparse_moe)."""
-    if family != "mixtral":
+    if family not in MIXTRAL_STYLE:
         return dict(sd)
     out = {}
     for k, v in sd.items():
         k = k.replace(".block_sparse_moe.gate.", ".mlp.gate.").replace(".block_sparse_moe.experts.", ".mlp.experts.")
+        k = k.replace(".block_sparse_moe.e_score_correction_bias", ".mlp.e_score_correction_bias")
         for role, w in MIXTRAL_NAMES.items():
             k = k.replace(f".{w}.", f".{role}.") if ".mlp.experts." in k else k
         out[k] = v
@@ -291,13 +309,17 @@ def qexperts(model):
 # --- dense checkpoints: transformers' own save_pretrained layouts ------------------------------------
 @pytest.mark.parametrize("family", FAMILIES)
 def test_dense_checkpoint_loads_into_transformers_moe(tmp_path, family):
-    """save_pretrained writes Qwen-MoE per expert, Mixtral as block_sparse_moe.experts.N.w1/w3/w2, gpt-oss
-    fused: all load with the same logits as the original model."""
+    """save_pretrained writes Qwen-MoE per expert, Mixtral and MiniMax-M2 as block_sparse_moe.experts.N.w1/w3/w2,
+    gpt-oss fused: all load with the same logits as the original model."""
     model = tiny_model(family)
     model.save_pretrained(tmp_path / "m")
     ours = quantload.load(tmp_path / "m", dtype=torch.float32, progress=False)
     assert ours.load_report.unexpected_keys == []
-    torch.testing.assert_close(logits(ours), logits(model), rtol=0, atol=0)
+    if family == "minimax_m2":   # the routing bias is a buffer, under block_sparse_moe in the file
+        assert torch.equal(ours.model.layers[1].mlp.e_score_correction_bias,
+                           model.model.layers[1].mlp.e_score_correction_bias)
+    # (transformers' own grouped_mm and the per-expert loop sum in other orders: float noise)
+    torch.testing.assert_close(logits(ours), logits(model), rtol=1e-6, atol=1e-6)
 
 
 @pytest.mark.parametrize("family", ["gpt_oss", "mixtral"])
@@ -457,7 +479,8 @@ def test_gpt_oss_mxfp4_experts_stay_packed_and_equal_transformers(tmp_path):
     write_checkpoint(tmp_path / "m", "gpt_oss", tensors, {
         "quant_method": "mxfp4", "modules_to_not_convert": ["model.layers.*.self_attn", "model.layers.*.mlp.router",
                                                             "model.embed_tokens", "lm_head"]})
-    theirs = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "m", dtype=torch.float32).eval()  # CPU: dequantized
+    # transformers dequantizes MXFP4 when it loads on a CPU
+    theirs = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "m", dtype=torch.float32).eval()
     ours = quantload.load(tmp_path / "m", dtype=torch.float32, progress=False)
     assert ours.load_report.unexpected_keys == [] and ours.load_report.missing_keys == []
     for layer, experts in enumerate(qexperts(ours)):
@@ -471,3 +494,38 @@ def test_gpt_oss_mxfp4_experts_stay_packed_and_equal_transformers(tmp_path):
             assert mlp.down_proj.qweight.nbytes == HIDDEN * INTER // 2 + HIDDEN * INTER // 32
     torch.testing.assert_close(logits(ours), logits(theirs), rtol=1e-5, atol=1e-5)
     assert greedy(ours) == greedy(theirs)
+
+
+def test_saved_quantized_experts_load_back(tmp_path):
+    """save() writes each expert's packed pieces under its per-expert key (the layout read above)."""
+    model = tiny_model("qwen3_moe")
+    write_checkpoint(tmp_path / "f", "qwen3_moe", dict(model.state_dict()))
+    ours = quantload.load(tmp_path / "f", quantize="nf4", dtype=torch.float32, progress=False)
+    quantload.save(ours, tmp_path / "saved")
+    keys = load_file(str(tmp_path / "saved" / "model.safetensors")).keys()
+    assert "model.layers.1.mlp.experts.3.down_proj.weight.absmax" in keys
+    assert not any(k.endswith(("gate_up_proj", "experts.down_proj")) for k in keys)
+    again = quantload.load(tmp_path / "saved", dtype=torch.float32, progress=False)
+    assert again.load_report.quantized_modules == ours.load_report.quantized_modules
+    assert torch.equal(logits(again), logits(ours))
+
+
+def test_plan_counts_the_experts_quantized(tmp_path):
+    """plan() prepares the skeleton as load() does: the experts are planned at their quantized size."""
+    model = tiny_model("qwen2_moe")
+    model.save_pretrained(tmp_path / "m")
+    plan = quantload.plan(tmp_path / "m", quantize="nf4", device_map="auto", max_memory={"cpu": "1GiB"})
+    ours = quantload.load(tmp_path / "m", quantize="nf4", dtype=torch.float32, progress=False)
+    dense = sum(p.numel() * 4 for p in model.parameters())
+    assert plan.total_bytes < 0.6 * dense
+    assert abs(plan.total_bytes - ours.load_report.model_bytes) <= 0.05 * ours.load_report.model_bytes
+
+
+def test_unsupported_experts_class_is_named(tmp_path):
+    """An MoE whose experts QExperts does not reproduce (OLMoE here) refuses per-expert checkpoints by
+    name, listing the supported ones, instead of reporting its fused parameters missing."""
+    cfg = transformers.OlmoeConfig(vocab_size=VOCAB, hidden_size=HIDDEN, intermediate_size=INTER, num_hidden_layers=1,
+                                   num_attention_heads=4, num_key_value_heads=2, num_experts=E, num_experts_per_tok=TOPK)
+    transformers.OlmoeForCausalLM(cfg).save_pretrained(tmp_path / "m")   # per expert, as the hub has it
+    with pytest.raises(quantload.UnsupportedError, match="OlmoeExperts .* supported experts: Qwen2MoeExperts"):
+        quantload.load(tmp_path / "m", progress=False)

@@ -207,6 +207,10 @@ def plan_checkpoint(path: str, *, quantize, dtype, device_map, max_memory, offlo
             mm = model_map_of(source)
             model = build_skeleton(mm.config, dtype or torch.float32)
             spec = resolve_quantize(quantize)
+            from .architectures.moe import ExpertSlice
+            if any(isinstance(ref.transform, ExpertSlice) for ref in mm.params.values()):
+                from .moe_load import replace_experts
+                replace_experts(model, dtype or torch.float32)   # as load does: one Linear per expert
 
             def choose(name, mod):
                 if spec is not None:
@@ -226,6 +230,8 @@ def plan_checkpoint(path: str, *, quantize, dtype, device_map, max_memory, offlo
             cfg_file = os.path.join(path if os.path.isdir(path) else os.path.dirname(os.path.abspath(path)),
                                     "config.json")   # the config is checked against the checkpoint first
             model = build_skeleton(config, dtype, trust_remote_code=trust_remote_code, source=source, file=cfg_file)
+            from .moe_load import prepare_experts
+            prepare_experts(model, source, spec, dtype)   # as load does: one Linear per expert
             by_module = index_by_module(source.keys())
             pre = checkpoint_spec(path, config) is not None
             if spec is not None and not pre:

@@ -32,16 +32,17 @@ from .runtime.modules import QLinear
 from .schemes.base import QTensor
 
 #: transformers experts classes whose forward QExperts reproduces (each one tested in tests/test_moe.py)
-SUPPORTED_EXPERTS = ("Qwen2MoeExperts", "Qwen3MoeExperts", "MixtralExperts", "GptOssExperts")
+SUPPORTED_EXPERTS = ("Qwen2MoeExperts", "Qwen3MoeExperts", "MixtralExperts", "GptOssExperts", "MiniMaxM2Experts")
 ROLES = ("gate_proj", "up_proj", "down_proj")
 _PER_EXPERT_KEY = re.compile(r"\.experts\.\d+\.")
 
-# Mixtral's original checkpoint names (transformers' conversion_mapping does the same renaming)
+# Mixtral's (and MiniMax-M2's) original checkpoint names (transformers' conversion_mapping does the same)
 _MIXTRAL_RENAMES = [
     (re.compile(r"\.mlp\.experts\.(\d+)\.gate_proj(?=\.|$)"), r".block_sparse_moe.experts.\1.w1"),
     (re.compile(r"\.mlp\.experts\.(\d+)\.up_proj(?=\.|$)"), r".block_sparse_moe.experts.\1.w3"),
     (re.compile(r"\.mlp\.experts\.(\d+)\.down_proj(?=\.|$)"), r".block_sparse_moe.experts.\1.w2"),
     (re.compile(r"\.mlp\.gate(?=\.|$)"), ".block_sparse_moe.gate"),
+    (re.compile(r"\.mlp\.e_score_correction_bias$"), ".block_sparse_moe.e_score_correction_bias"),
 ]
 
 
@@ -92,6 +93,27 @@ def find_experts(model: nn.Module) -> list[tuple[str, nn.Module, FusedLayout]]:
         if layout is not None:
             out.append((name, mod, layout))
     return out
+
+
+def _is_moe(config) -> bool:
+    """Whether a transformers config declares experts (a model without a config is walked anyway)."""
+    if config is None:
+        return True
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    return any(getattr(c, a, None) for c in (config, text)
+               for a in ("num_experts", "num_local_experts", "n_routed_experts", "moe_num_experts"))
+
+
+def _refuse_unsupported_experts(model: nn.Module) -> None:
+    """A fused experts module we do not replace cannot read per-expert checkpoints: say so, by its
+    class, rather than report its fused parameters missing. (A fused float checkpoint of such a model
+    still loads, its experts kept dense.)"""
+    for name, mod in model.named_modules():
+        gu = getattr(mod, "gate_up_proj", None)
+        if (isinstance(gu, torch.Tensor) and gu.dim() == 3 and type(mod).__name__ not in SUPPORTED_EXPERTS):
+            from .errors import UnsupportedError
+            raise UnsupportedError(f"{type(mod).__name__} (at {name}) stored per expert is not supported yet; "
+                                   f"supported experts: {', '.join(SUPPORTED_EXPERTS)}", key=name)
 
 
 def quantized_experts(mod: nn.Module, layout: FusedLayout, dtype: torch.dtype) -> QExperts:
@@ -214,9 +236,9 @@ class MoECheckpointWeights(CheckpointWeights):
         else:
             one = QTensor(scheme, {k: v.contiguous() for k, v in one.data.items()}, one.shape, one.dtype, one.meta)
         if tuple(one.shape) != tuple(mod._logical_shape):
+            key = self.key_of(f"{prefix}.{stem}_blocks")
             raise ShapeMismatchError(f"expert {e} {role}: stacked {stem} gives {tuple(one.shape)}, the model "
-                                     f"expects {tuple(mod._logical_shape)}", file=self._file_of(self.key_of(prefix + "." + stem + "_blocks")),
-                                     key=f"{prefix}.{stem}")
+                                     f"expects {tuple(mod._logical_shape)}", file=self._file_of(key), key=key)
         one.dtype = mod._logical_dtype
         return one
 
@@ -275,10 +297,14 @@ def quantize_stacked_experts(model: nn.Module, replaced: dict[str, FusedLayout],
 def prepare_experts(model: nn.Module, source, spec, dtype: torch.dtype) -> ExpertsPlan | None:
     """Replace the model's fused experts when the checkpoint stores them per expert, or when they are
     (or are to be) quantized; None when the model has no supported experts or keeps them fused."""
+    if not _is_moe(getattr(model, "config", None)):
+        return None   # the common case costs one look at the config, no walk of the modules
     found = find_experts(model)
+    per_expert = any(_PER_EXPERT_KEY.search(k) for k in source.keys())
+    if per_expert:
+        _refuse_unsupported_experts(model)
     if not found:
         return None
-    per_expert = any(_PER_EXPERT_KEY.search(k) for k in source.keys())
     if not per_expert and spec is None:
         return None
     routers = {f"{name}.weight": mod.weight.shape for name, mod in model.named_modules()

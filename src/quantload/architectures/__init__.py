@@ -157,6 +157,9 @@ def _register(*families: Family) -> None:
 
 
 from .gpt_oss import GptOssFamily  # noqa: E402
+from .minimax import MiniMaxM2Family  # noqa: E402
+from .mixtral import MixtralFamily  # noqa: E402
 from .qwen_moe import Qwen2MoeFamily, Qwen3MoeFamily  # noqa: E402
 
-_register(Qwen2MoeFamily(), Qwen3MoeFamily(), GptOssFamily())
+# MixtralFamily takes over `llama` (it is LlamaFamily for files without experts)
+_register(Qwen2MoeFamily(), Qwen3MoeFamily(), GptOssFamily(), MixtralFamily(), MiniMaxM2Family())

@@ -47,10 +47,11 @@ def expert_rules(num_experts: int, hidden: int, intermediate: int, *, bias: bool
     for e in range(num_experts):
         hf = f"model.layers.{{bid}}.mlp.experts.{e}"
         cut = ExpertSlice(e)
+        up_shape, down_shape = (num_experts, intermediate, hidden), (num_experts, hidden, intermediate)
         rules += [
-            TensorRule("blk.{bid}.ffn_gate_exps.weight", f"{hf}.gate_proj.weight", (num_experts, intermediate, hidden), cut),
-            TensorRule("blk.{bid}.ffn_up_exps.weight", f"{hf}.up_proj.weight", (num_experts, intermediate, hidden), cut),
-            TensorRule("blk.{bid}.ffn_down_exps.weight", f"{hf}.down_proj.weight", (num_experts, hidden, intermediate), cut),
+            TensorRule("blk.{bid}.ffn_gate_exps.weight", f"{hf}.gate_proj.weight", up_shape, cut),
+            TensorRule("blk.{bid}.ffn_up_exps.weight", f"{hf}.up_proj.weight", up_shape, cut),
+            TensorRule("blk.{bid}.ffn_down_exps.weight", f"{hf}.down_proj.weight", down_shape, cut),
         ]
         if bias:
             rules += [

@@ -23,7 +23,8 @@ def moe_kwargs(meta, shapes) -> dict:
     ff = meta.arch_int("expert_feed_forward_length", default_ff)
     if ff is None:
         raise FileFormatError("cannot tell the experts' size: no expert_feed_forward_length and no "
-                              "blk.0.ffn_gate_exps.weight", file=meta.file, key=f"{meta.arch}.expert_feed_forward_length")
+                              "blk.0.ffn_gate_exps.weight", file=meta.file,
+                              key=f"{meta.arch}.expert_feed_forward_length")
     return dict(num_experts=experts, num_experts_per_tok=used, moe_intermediate_size=ff, decoder_sparse_step=1,
                 mlp_only_layers=[])
 
