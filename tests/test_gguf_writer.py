@@ -394,9 +394,10 @@ def test_bad_alignment_is_refused(alignment, tmp_path):
 
 
 def test_unmapped_architecture_is_refused(tmp_path):
-    cfg = transformers.GPT2Config(n_embd=32, n_layer=1, n_head=2, vocab_size=50)
-    model = transformers.GPT2LMHeadModel(cfg)
-    with pytest.raises(UnsupportedError, match="model_type 'gpt2' has no GGUF mapping"):
+    cfg = transformers.OPTConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, ffn_dim=64,
+                                 vocab_size=50, word_embed_proj_dim=32, max_position_embeddings=64)
+    model = transformers.OPTForCausalLM(cfg)
+    with pytest.raises(UnsupportedError, match="model_type 'opt' has no GGUF mapping"):
         save_gguf(model, tmp_path / "x.gguf")
 
 
