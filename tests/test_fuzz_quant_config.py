@@ -19,7 +19,7 @@ from fuzz_harness import FUZZ_SECONDS, Budget, edit_json, fuzz_settings, json_ed
 from hypothesis import given
 from hypothesis import strategies as st
 
-from quantload.api import checkpoint_spec
+from quantload.load_setup import checkpoint_spec
 from quantload.schemes.registry import spec_from_dict
 
 FILE = "config.json"

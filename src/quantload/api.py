@@ -1,7 +1,6 @@
 """The public operations: load, load_tokenizer, read_state_dict, save, inspect, plan."""
 from __future__ import annotations
 
-import json
 import os
 import time
 
@@ -16,8 +15,9 @@ from .config import QuantSpec, check_quantize_request, parse_dtype, resolve_quan
 from .engine import load_weights
 from .errors import ConfigError, QuantloadError
 from .finalize import finalize, tied_pairs
+from .load_setup import checkpoint_spec, engine_progress, placement_for  # noqa: F401  (checkpoint_spec: public here too)
 from .prepare import build_skeleton, check_quantized_tensors, named_tensors, read_config_dir, replace_modules
-from .report import LoadReport, current_rss_bytes
+from .report import LoadReport
 from .runtime import kernels as _kernels
 from .schemes.registry import spec_from_dict
 from .sources import open_source
@@ -25,77 +25,6 @@ from .sources import safetensors as _safetensors  # noqa: F401  (open_source imp
 
 # checkpoint keys that are buffers transformers recomputes (not errors when present, not used)
 _IGNORABLE = ("position_ids", "rotary_emb.inv_freq", "masked_bias", ".attn.bias")
-
-
-def checkpoint_spec(path: str, config) -> QuantSpec | None:
-    """The quantization a checkpoint was saved with: config.json's quantization_config, or a
-    quantize_config.json beside it (older GPTQ exports)."""
-    qc = getattr(config, "quantization_config", None) if config is not None else None
-    d = path if os.path.isdir(path) else os.path.dirname(os.path.abspath(path))
-    file = os.path.join(d, "config.json")
-    # older exports keep the config beside the weights: GPTQ quantize_config.json, AutoAWQ
-    # quant_config.json, optimum-quanto quanto_qmap.json, NVIDIA ModelOpt hf_quant_config.json
-    for fname, method in (("quantize_config.json", "gptq"), ("quant_config.json", "awq"),
-                          ("quanto_qmap.json", "quanto"), ("hf_quant_config.json", "modelopt")):
-        qfile = os.path.join(d, fname)
-        if qc is not None or not os.path.exists(qfile):
-            continue
-        file = qfile
-        try:
-            with open(qfile) as f:
-                loaded = json.load(f)
-        except (OSError, ValueError, RecursionError) as e:
-            raise ConfigError(f"cannot parse: {type(e).__name__}: {str(e)[:200]}", file=qfile) from None
-        if not isinstance(loaded, dict):
-            raise ConfigError(f"expected a JSON object, found {type(loaded).__name__}", file=qfile)
-        qc = {"quant_method": method, "quanto_qmap": loaded} if method == "quanto" else loaded
-        qc.setdefault("quant_method", method)
-    if qc is None:
-        return None
-    if hasattr(qc, "to_dict"):
-        qc = qc.to_dict()
-    if isinstance(qc, dict) and qc.get("quant_method") == "gguf":
-        return None  # transformers tags models it dequantized from GGUF; their safetensors are plain floats
-    return spec_from_dict(dict(qc), file=file)
-
-
-def _progress(desc: str, enabled):
-    if not enabled:
-        return None
-    if callable(enabled):
-        return enabled  # a whole-load bar's engine part (report.LoadProgress.engine_progress)
-    from tqdm.auto import tqdm
-    return lambda total: tqdm(total=total, desc=desc, unit="tensor", delay=1.0, leave=False)
-
-
-_MODES = ("auto", "balanced", "balanced_low_0", "sequential")
-
-
-def _placement(model, device_map, max_memory, offload_folder, headroom=None):
-    """(device_of(name) -> device string, plan or None, offloader or None) for the requested placement."""
-    if device_map is None:
-        device_map = "cpu"
-    single = isinstance(device_map, (torch.device, int)) or (
-        isinstance(device_map, str) and device_map not in _MODES and device_map != "disk")
-    if single and max_memory is None:
-        dev = torch.device(device_map if not isinstance(device_map, int) else f"cuda:{device_map}")
-        if dev.type == "cuda" and (not torch.cuda.is_available() or (dev.index or 0) >= torch.cuda.device_count()):
-            raise ConfigError(f"device_map={device_map!r}: no such device (CUDA available: "
-                              f"{torch.cuda.is_available()}, devices: {torch.cuda.device_count()})")
-        name = str(dev)
-        return (lambda _: name), None, None
-    from .placement import plan_placement, tensor_sizes
-    from .runtime.offload import Offloader
-    sizes = tensor_sizes(model)
-    plan = plan_placement(model, sizes, device_map, max_memory,
-                          no_split_module_classes=getattr(model, "_no_split_modules", None),
-                          tied_groups=_tied_groups(model, sizes), offload_folder=offload_folder,
-                          config=getattr(model, "config", None), headroom=headroom)
-    compute = next((d for d in plan.device_map.values() if d.startswith(("cuda", "mps"))), "cpu")
-    offloader = Offloader(plan, torch.device(compute), offload_folder)
-    if not any(offloader.is_offloaded(d) for d in plan.device_map.values()):
-        offloader = None
-    return plan.device_of, plan, offloader
 
 
 def parameters_to_meta(model: nn.Module) -> dict[str, str]:
@@ -126,10 +55,6 @@ def retie(model: nn.Module, aliases: dict[str, str]) -> None:
         mod_name, _, attr = alias.rpartition(".")
         mod = model.get_submodule(mod_name) if mod_name else model
         mod._parameters[attr] = model.get_parameter(name)
-
-
-def _tied_groups(model, sizes) -> list[list[str]]:
-    return [[a, b] for a, b in tied_pairs(model) if a in sizes and b in sizes]
 
 
 def load(path, *, quantize=None, dtype=None, device_map="cpu", max_memory=None, offload_folder=None,
@@ -168,10 +93,10 @@ def load(path, *, quantize=None, dtype=None, device_map="cpu", max_memory=None, 
     dtype = parse_dtype(dtype)
     bar.stage("opening the checkpoint")
     source = open_source(path)
-    report.source_kind = type(source).__name__
+    report.source_kind = source.kind
     kernels_before = _kernels.begin_load(exact)
     try:
-        if type(source).__name__ == "GGUFSource":
+        if source.kind == "gguf":
             from .gguf_load import load_gguf
             if quantize is not None and not dequantize:
                 _refuse_requantize(source, quantize)
@@ -295,7 +220,7 @@ def _load_checkpoint(source, path, report, t0, *, quantize, dtype, device_map, m
     if user_spec is not None and ckpt_spec is None:
         from .scheme_fit import announce, skipped_note
         announce(skipped_note(spec, skip_before, quantize), report)
-    device_of, plan, offloader = _placement(model, device_map, max_memory, offload_folder, headroom=headroom)
+    device_of, plan, offloader = placement_for(model, device_map, max_memory, offload_folder, headroom=headroom)
     report.seconds["prepare"] = time.perf_counter() - t1
 
     load_weights(model, weights, dtype=dtype, device_of=device_of, report=report,
@@ -332,7 +257,7 @@ def read_state_dict(path, *, quantization_config=None) -> dict:
     (keyed by its parameter name, e.g. "layer.weight"), plain tensors for the rest."""
     path = os.fspath(path)
     source = open_source(path)
-    if type(source).__name__ == "GGUFSource":
+    if source.kind == "gguf":
         from .gguf_load import gguf_state_dict
         return gguf_state_dict(source)
     if quantization_config is not None:
@@ -444,7 +369,7 @@ def save(model: nn.Module, out, *, max_shard_size=None, tokenizer="auto", progre
     if out.endswith(".gguf"):
         from .writers.gguf_writer import save_gguf
         # a bar per tensor, shown for writes over a second (quantizing to GGUF takes 14-61 s)
-        return save_gguf(model, out, tokenizer=tokenizer, progress=_progress("writing", progress), **kwargs)
+        return save_gguf(model, out, tokenizer=tokenizer, progress=engine_progress("writing", progress), **kwargs)
     from .placement import parse_memory
     from .writers.safetensors_writer import DEFAULT_SHARD, save_checkpoint
     limit = DEFAULT_SHARD if max_shard_size is None else parse_memory(max_shard_size)

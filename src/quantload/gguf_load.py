@@ -15,6 +15,7 @@ from torch import nn
 from .architectures.moe import ExpertSlice
 from .config import resolve_quantize
 from .engine import Weights, load_weights
+from .load_setup import engine_progress, placement_for
 from .ggml_types import GGML_TYPES
 from .report import LoadReport
 from .runtime.modules import _QModule
@@ -118,7 +119,6 @@ def model_map_of(source):
 
 def load_gguf(source, *, report: LoadReport, t0: float, quantize, dtype, device_map, max_memory, offload_folder,
               dequantize: bool, progress: bool, strict: bool = True) -> nn.Module:
-    from .api import _placement, _progress
     from .finalize import finalize
     from .prepare import build_skeleton, replace_modules
     from .schemes.gguf import gguf_scheme
@@ -156,12 +156,12 @@ def load_gguf(source, *, report: LoadReport, t0: float, quantize, dtype, device_
         from .moe_load import replace_experts
         replace_experts(model, dtype)   # MoE: fused experts -> one Linear per expert (runtime/experts.py)
     replace_modules(model, choose, dtype)
-    device_of, plan, offloader = _placement(model, device_map, max_memory, offload_folder)
+    device_of, plan, offloader = placement_for(model, device_map, max_memory, offload_folder)
     report.seconds["prepare"] = time.perf_counter() - t1
 
     weights = GGUFWeights(source, mm, dtype)
     load_weights(model, weights, dtype=dtype, device_of=device_of, report=report,
-                 progress=_progress("loading", progress), offloader=offloader, quantizing=spec is not None)
+                 progress=engine_progress("loading", progress), offloader=offloader, quantizing=spec is not None)
     report.tensors_read, report.bytes_read = weights.tensors_read, weights.bytes_read
     t2 = time.perf_counter()
     # tensors read into the config (rope_freqs) are consumed; any other tensor no parameter takes is an error

@@ -6,6 +6,7 @@ import os
 import re
 from dataclasses import dataclass, field
 
+from .load_setup import checkpoint_spec, tied_groups
 from .sources import open_source
 
 
@@ -136,7 +137,6 @@ def _logical_shapes(config, prefixes) -> dict[str, tuple]:
 
 
 def inspect_checkpoint(path: str, *, device_map=None, max_memory=None, quantize=None, offload_folder=None) -> Inspection:
-    from .api import checkpoint_spec
     from .checkpoint_weights import index_by_module
     from .ggml_types import GGML_TYPES
     from .prepare import read_config_dir
@@ -144,7 +144,7 @@ def inspect_checkpoint(path: str, *, device_map=None, max_memory=None, quantize=
     try:
         keys = source.keys()
         total = sum(source.info(k).nbytes for k in keys)
-        if type(source).__name__ == "GGUFSource":
+        if source.kind == "gguf":
             f = source.fields
             arch = str(f.get("general.architecture", "?"))
             layers = [(k, "gguf-" + GGML_TYPES[source.info(k).ggml_type].name.lower(), source.info(k).shape,
@@ -195,13 +195,12 @@ def plan_checkpoint(path: str, *, quantize, dtype, device_map, max_memory, offlo
     """Prepare the skeleton exactly as load does (meta device, quantized modules), then plan placement."""
     import torch
 
-    from .api import _tied_groups, checkpoint_spec
     from .config import parse_dtype, resolve_quantize
     from .placement import plan_placement, tensor_sizes
     from .prepare import build_skeleton, read_config_dir, replace_modules
     source = open_source(path)
     try:
-        if type(source).__name__ == "GGUFSource":
+        if source.kind == "gguf":
             from .gguf_load import model_map_of
             from .schemes.gguf import gguf_scheme
             mm = model_map_of(source)
@@ -249,5 +248,5 @@ def plan_checkpoint(path: str, *, quantize, dtype, device_map, max_memory, offlo
     sizes = tensor_sizes(model)
     return plan_placement(model, sizes, device_map, max_memory,
                           no_split_module_classes=getattr(model, "_no_split_modules", None),
-                          tied_groups=_tied_groups(model, sizes), offload_folder=offload_folder,
+                          tied_groups=tied_groups(model, sizes), offload_folder=offload_folder,
                           config=getattr(model, "config", None), headroom=headroom)

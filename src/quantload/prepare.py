@@ -245,7 +245,7 @@ def read_config_dir(path: str):
     d = path if os.path.isdir(path) else os.path.dirname(os.path.abspath(path))
     if not os.path.exists(os.path.join(d, "config.json")):
         return None
-    from .sources import require_regular_file
+    from .sources.files import require_regular_file
     require_regular_file(os.path.join(d, "config.json"))
     try:
         return AutoConfig.from_pretrained(d)

@@ -26,6 +26,8 @@ class Source:
     """Base class: a mapping from tensor names to lazily read tensors."""
 
     path: str
+    #: what kind of container this is: "safetensors", "torch" or "gguf" (the load route dispatches on it)
+    kind: str = ""
     #: file-level string metadata (safetensors __metadata__; GGUF key-values live on the GGUF source)
     metadata: dict
 

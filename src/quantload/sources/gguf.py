@@ -233,6 +233,8 @@ def _read_value(cur: _Cursor, value_type: int, key: str) -> Any:
 class GGUFSource(Source):
     """A GGUF file, validated when opened; tensors are zero-copy views of a read-only memory map."""
 
+    kind = "gguf"
+
     def __init__(self, path: str):
         self.path = os.fspath(path)
         self._mm: mmap.mmap | None = None
@@ -243,7 +245,7 @@ class GGUFSource(Source):
         self.metadata = self.fields
         self.alignment = DEFAULT_ALIGNMENT
         self._tensors: dict[str, _TensorRecord] = {}
-        from . import require_regular_file
+        from .files import require_regular_file
         require_regular_file(self.path)
         self._mm = self._map()
         try:

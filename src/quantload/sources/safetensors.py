@@ -14,7 +14,7 @@ import os
 import torch
 
 from ..errors import FileFormatError, MissingTensorError, UnsupportedError
-from . import check_not_lfs_pointer
+from .files import check_not_lfs_pointer
 from .base import Source, TensorInfo
 
 #: a real header is a few MB at most; anything bigger is refused before it is read
@@ -181,7 +181,7 @@ def _check_coverage(path: str, infos: dict[str, TensorInfo], data_start: int, da
 
 def read_index(path: str) -> dict[str, str]:
     """{tensor name: shard path} from a *.index.json, every shard checked to exist."""
-    from . import require_regular_file
+    from .files import require_regular_file
     require_regular_file(path)
     try:
         with open(path, "rb") as f:
@@ -231,6 +231,8 @@ def check_index_agrees(index: str, weight_map: dict[str, str], file_of: dict[str
 
 
 class SafetensorsSource(Source):
+    kind = "safetensors"
+
     def __init__(self, files):
         self.path, shards, weight_map = split_files(files)
         self._infos: dict[str, TensorInfo] = {}

@@ -14,7 +14,7 @@ import re
 import torch
 
 from ..errors import FileFormatError, MissingTensorError, QuantloadError
-from . import check_not_lfs_pointer
+from .files import check_not_lfs_pointer
 from .base import Source, TensorInfo
 from .safetensors import check_index_agrees, split_files
 
@@ -122,6 +122,8 @@ def state_dict_of(obj, path: str) -> dict[str, torch.Tensor]:
 
 
 class TorchFileSource(Source):
+    kind = "torch"
+
     def __init__(self, files):
         self.path, shards, weight_map = split_files(files)
         self.metadata: dict[str, str] = {}
