@@ -91,7 +91,12 @@ def save_tiny(model, directory) -> pathlib.Path:
     """`model.save_pretrained(directory)` (safetensors) and the vocabulary the converter will write."""
     directory = pathlib.Path(directory)
     model.save_pretrained(directory, safe_serialization=True)
-    (directory / "tiny_vocab.json").write_text(json.dumps(tiny_vocab()))
+    vocab = tiny_vocab()
+    (directory / "tiny_vocab.json").write_text(json.dumps(vocab))
+    # some converters read the vocabulary size from here (Gemma trims the embedding to it)
+    (directory / "tokenizer.json").write_text(json.dumps({
+        "version": "1.0", "added_tokens": [],
+        "model": {"type": "BPE", "vocab": {t: i for i, t in enumerate(vocab["tokens"])}, "merges": vocab["merges"]}}))
     return directory
 
 

@@ -118,10 +118,20 @@ def _qwen35():
         eos_token_id=2))
 
 
+def _gemma4():
+    # sliding layers with 64-wide heads, a full layer with 128-wide ones and proportional RoPE
+    return transformers.Gemma4ForCausalLM(transformers.Gemma4TextConfig(
+        vocab_size=V, hidden_size=256, intermediate_size=512, num_hidden_layers=2, num_attention_heads=2,
+        num_key_value_heads=1, head_dim=64, global_head_dim=128, layer_types=["sliding_attention", "full_attention"],
+        sliding_window=32, hidden_size_per_layer_input=0, vocab_size_per_layer_input=V, max_position_embeddings=128,
+        bos_token_id=1, eos_token_id=2, pad_token_id=0))
+
+
 class Case:
     def __init__(self, make, hf_fix=None, llama_cpp=True, transformers=True, config_edit=None, save=True,
-                 float_linears=(), quantized_tol=3e-2):
+                 float_linears=(), quantized_tol=3e-2, consumed=()):
         self.make = make
+        self.consumed = list(consumed)      # file tensors read into the config, not into a parameter
         self.float_linears = float_linears  # modules a block file still loads as float (a column reorder)
         self.quantized_tol = quantized_tol  # vs llama.cpp on block files, relative to the largest logit
         self.save = save                   # quantload writes it back as GGUF (else: a named refusal)
@@ -146,6 +156,8 @@ CASES = {
     "lfm2": Case(_lfm2, save=False),
     # ssm_out's columns are reordered (value heads): dequantized at load. The gated delta rule amplifies
     # llama.cpp's Q8 activation rounding, so block files agree with it more loosely (F32: 2e-3)
+    # transformers' GGUF loader cannot build Gemma 4 files (see gemma4.py): llama.cpp only
+    "gemma4": Case(_gemma4, transformers=False, save=False, consumed=["rope_freqs.weight"], quantized_tol=6e-2),
     "qwen35": Case(_qwen35, save=False, float_linears=("linear_attn.out_proj",), quantized_tol=0.1),
 }
 
@@ -223,7 +235,7 @@ def test_every_tensor_feeds_a_parameter(files, key):
         spec = gguf_to_hf(src.fields, {n: src.info(n) for n in src.keys()}, file=path, read_tensor=src.get_typed)
     finally:
         src.close()
-    assert spec.unused == []
+    assert spec.unused == CASES[key].consumed
     model = build_skeleton(spec.config, torch.float32)
     if spec.adapt is not None:
         spec.adapt(model)
@@ -295,3 +307,13 @@ def test_deci_is_not_built_by_transformers_gguf_loader(files):
         _theirs(path)
     config = _ours(path).config
     assert type(config).__name__ == "LlamaConfig" and config.num_key_value_heads == 2
+
+
+def test_gemma4_is_not_built_by_transformers_gguf_loader(files):
+    """transformers keeps Gemma 4's default head_dim (256) and per-layer inputs: the tensors do not fit."""
+    with pytest.raises(RuntimeError, match="ignore_mismatched_sizes"):
+        _theirs(files["gemma4"]["f32"])
+    config = _ours(files["gemma4"]["f32"]).config
+    assert [config.per_layer_config[i].head_dim for i in range(2)] == [64, 128]
+    assert config.rope_parameters["full_attention"] == {"rope_type": "proportional", "partial_rotary_factor": 0.25,
+                                                        "rope_theta": 1000000.0}

@@ -21,6 +21,7 @@ from .bloom import BloomFamily
 from .deci import DeciFamily
 from .falcon import FalconFamily
 from .gemma import Gemma2Family, Gemma3Family
+from .gemma4 import Gemma4Family
 from .gpt2 import GPT2Family
 from .nemotron import NemotronFamily
 from .stablelm import StableLmFamily
@@ -39,7 +40,7 @@ __all__ = ["gguf_to_hf", "hf_to_gguf", "gguf_extra_tensors", "GGUFModelMap", "GG
 _FAMILIES: list[Family] = [LlamaFamily(), Qwen2Family(), Qwen3Family(), Gemma2Family(), Gemma3Family(),
                            Phi3Family()]
 _FAMILIES += [GPT2Family(), Starcoder2Family(), StableLmFamily(), NemotronFamily(), FalconFamily(),
-              BloomFamily(), DeciFamily(), Lfm2Family(), Qwen35Family()]
+              BloomFamily(), DeciFamily(), Lfm2Family(), Qwen35Family(), Gemma4Family()]
 _BY_GGUF_ARCH = {arch: fam for fam in _FAMILIES for arch in fam.gguf_archs}
 _BY_MODEL_TYPE = {mt: fam for fam in _FAMILIES for mt in fam.model_types}
 
