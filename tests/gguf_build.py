@@ -4,7 +4,7 @@
     save_tiny(model, d)                                       # save_pretrained + a tiny vocabulary
     [f32] = convert([(d, d / "m.f32.gguf")])                  # llama.cpp's convert_hf_to_gguf.py
     q8 = requantize(f32, d / "m.q8_0.gguf", "q8_0")           # the matrices in another block type
-    logits = llama_cpp_logits(q8, [1, 5, 9])                  # llama.cpp's own forward pass
+    [logits] = llama_cpp_logits([q8], [1, 5, 9])              # llama.cpp's own forward pass
 
 The converter is llama.cpp's `convert_hf_to_gguf.py` (with its `conversion/` package and its own
 gguf-py), vendored in the llama-cpp-python sdist: `llama_cpp_source()` finds it under
@@ -213,10 +213,12 @@ import json, sys
 import numpy as np
 from llama_cpp import Llama
 ids = json.loads(sys.argv[2])
-llm = Llama(model_path=sys.argv[1], n_ctx=max(32, len(ids)), n_batch=len(ids), logits_all=True, verbose=False,
-            n_threads=1, type_k=0, type_v=0, seed=0)
-llm.eval(ids)
-np.save(sys.argv[3], np.array(llm.scores[:len(ids)], dtype=np.float32))
+for i, path in enumerate(json.loads(sys.argv[1])):
+    llm = Llama(model_path=path, n_ctx=max(32, len(ids)), n_batch=len(ids), logits_all=True, verbose=False,
+                n_threads=1, type_k=0, type_v=0, seed=0)
+    llm.eval(ids)
+    np.save(f"{sys.argv[3]}/{i}.npy", np.array(llm.scores[:len(ids)], dtype=np.float32))
+    del llm
 """
 
 
@@ -226,12 +228,13 @@ def llama_cpp_available() -> str | None:
     return None if r.returncode == 0 else f"llama-cpp-python is not importable: {r.stderr.strip()[-200:]}"
 
 
-def llama_cpp_logits(path, ids) -> np.ndarray:
-    """llama.cpp's logits (float32 [len(ids), vocab]) for `ids`, F32 KV cache, one thread."""
+def llama_cpp_logits(paths, ids) -> list[np.ndarray]:
+    """llama.cpp's logits (float32 [len(ids), vocab]) for `ids` from each model file, F32 KV cache, one
+    thread, all in one subprocess."""
+    paths = [str(p) for p in paths]
     with tempfile.TemporaryDirectory() as tmp:
-        out = os.path.join(tmp, "logits.npy")
-        r = subprocess.run([sys.executable, "-c", _LOGITS, str(path), json.dumps(list(map(int, ids))), out],
-                           capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+        r = subprocess.run([sys.executable, "-c", _LOGITS, json.dumps(paths), json.dumps(list(map(int, ids))), tmp],
+                           capture_output=True, text=True, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"})
         if r.returncode != 0:
-            raise RuntimeError(f"llama.cpp could not run {path} (rc {r.returncode}):\n{r.stderr[-3000:]}")
-        return np.load(out)
+            raise RuntimeError(f"llama.cpp could not run {paths} (rc {r.returncode}):\n{r.stderr[-3000:]}")
+        return [np.load(os.path.join(tmp, f"{i}.npy")) for i in range(len(paths))]
