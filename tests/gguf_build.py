@@ -9,7 +9,7 @@
 The converter is llama.cpp's `convert_hf_to_gguf.py` (with its `conversion/` package and its own
 gguf-py), vendored in the llama-cpp-python sdist: `llama_cpp_source()` finds it under
 $QUANTLOAD_LLAMA_CPP_DIR or `<repo>/.cache/llama.cpp-<version>`, fetching the sdist there once with
-`pip download` (skipping the test, with the reason, when that is not possible). It runs in a
+`pip download` (the temp dir when .cache is unusable; skipping the test, with the reason, when that is not possible). It runs in a
 subprocess, so its gguf-py never meets the installed one. Only the vocabulary is ours: the converter
 would need a real tokenizer whose pre-tokenizer hash it knows, so `set_vocab` writes a tiny byte-level
 BPE vocabulary instead; every tensor name, layout, permutation and hyperparameter key is the
@@ -48,9 +48,14 @@ def llama_cpp_source() -> pathlib.Path:
             pytest.skip(f"QUANTLOAD_LLAMA_CPP_DIR={env} has no convert_hf_to_gguf.py")
         return path
     cache = REPO / ".cache" / f"llama.cpp-{LLAMA_CPP_PYTHON}"
-    if (cache / "convert_hf_to_gguf.py").exists():
-        return cache
-    cache.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        if (cache / "convert_hf_to_gguf.py").exists():
+            return cache
+        cache.parent.mkdir(parents=True, exist_ok=True)
+    except OSError:   # no usable .cache in the checkout (read-only, a broken link): the temp dir then
+        cache = pathlib.Path(tempfile.gettempdir()) / f"quantload-llama.cpp-{LLAMA_CPP_PYTHON}"
+        if (cache / "convert_hf_to_gguf.py").exists():
+            return cache
     with tempfile.TemporaryDirectory(dir=cache.parent) as tmp:
         r = subprocess.run([sys.executable, "-m", "pip", "download", "--no-binary", ":all:", "--no-deps",
                             f"llama-cpp-python=={LLAMA_CPP_PYTHON}", "-d", tmp],
