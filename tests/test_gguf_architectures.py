@@ -148,7 +148,7 @@ class Case:
 
 
 CASES = {
-    "gpt2": Case(_gpt2),
+    "gpt2": Case(_gpt2, save=False),
     "starcoder2": Case(_starcoder2),
     "stablelm": Case(_stablelm),
     "nemotron": Case(_nemotron),
