@@ -133,6 +133,28 @@ def _mamba():
         bos_token_id=1, eos_token_id=2, pad_token_id=0))
 
 
+def _t5(cls=transformers.T5ForConditionalGeneration, config=transformers.T5Config):
+    # Flan-T5's layout (gated GELU); transformers 5 saves it tied, so the file has no output.weight
+    return cls(config(vocab_size=V, d_model=256, d_kv=64, d_ff=512, num_layers=2, num_decoder_layers=2, num_heads=4,
+                      feed_forward_proj="gated-gelu", relative_attention_num_buckets=32, decoder_start_token_id=0,
+                      pad_token_id=0, eos_token_id=2))
+
+
+def _t5_gelu(theirs, ours):
+    """transformers' GGUF loader marks a T5 file gated but keeps T5Config's ReLU (gated-ReLU); llama.cpp
+    runs a gated T5 FFN with GELU (Flan-T5's gated-gelu), as quantload does."""
+    assert theirs.config.dense_act_fn == "relu" and ours.config.dense_act_fn == "gelu_new"
+    mine = dict(ours.named_modules())
+    for name, m in theirs.named_modules():
+        if name.endswith("DenseReluDense"):
+            m.act = mine[name].act
+
+
+def _umt5():
+    # a relative-position table in every block; "Umt5" in general.name tells both loaders
+    return _t5(transformers.UMT5ForConditionalGeneration, transformers.UMT5Config)
+
+
 class Case:
     def __init__(self, make, hf_fix=None, llama_cpp=True, transformers=True, config_edit=None, save=True,
                  float_linears=(), quantized_tol=3e-2, consumed=()):
@@ -166,6 +188,9 @@ CASES = {
     "gemma4": Case(_gemma4, transformers=False, save=False, consumed=["rope_freqs.weight"], quantized_tol=6e-2),
     # dt_proj's rows (time_step_rank 16) are no whole block: F32 in the file, a float Linear here too;
     # the selective scan amplifies llama.cpp's Q8_K activation rounding on Q4_K files (F32: 2e-3)
+    # llama-cpp-python's Llama evaluates decoder-only models (no llama_encode pass): transformers only
+    "t5": Case(_t5, hf_fix=_t5_gelu, llama_cpp=False, save=False),
+    "umt5": Case(_umt5, llama_cpp=False, save=False),
     "mamba": Case(_mamba, save=False, float_linears=("mixer.dt_proj",), quantized_tol=6e-2),
     "qwen35": Case(_qwen35, save=False, float_linears=("linear_attn.out_proj",), quantized_tol=0.1),
 }
@@ -202,12 +227,15 @@ def _ours(path):
 
 
 def _theirs(path):
-    return transformers.AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name,
-                                                             dtype=torch.float32).eval()
+    auto = transformers.AutoModelForSeq2SeqLM if path.name.startswith(("t5.", "umt5.")) else \
+        transformers.AutoModelForCausalLM
+    return auto.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32).eval()
 
 
 def _logits(model, ids=IDS):
     with torch.no_grad():
+        if model.config.is_encoder_decoder:   # the decoder's logits for a few tokens after the encoder's
+            return model(input_ids=torch.tensor([ids]), decoder_input_ids=torch.tensor([[0, 7, 40, 3]])).logits[0]
         return model(torch.tensor([ids])).logits[0]
 
 
@@ -248,10 +276,11 @@ def test_every_tensor_feeds_a_parameter(files, key):
     model = build_skeleton(spec.config, torch.float32)
     if spec.adapt is not None:
         spec.adapt(model)
-    expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
-    if spec.tied:
-        assert expected.pop("lm_head.weight") == spec.params[next(k for k in spec.params if "wte" in k or
-                                                                   "embed" in k)].shape
+    # every parameter once (a tied lm_head and T5's embed_tokens aliases are the embedding's), and the
+    # persistent buffers (Gemma 4's layer_scalar)
+    own = dict(model.named_parameters()) | dict(model.named_buffers())
+    expected = {k: tuple(v.shape) for k, v in model.state_dict().items() if k in own}
+    assert spec.tied == ("lm_head.weight" not in expected)
     def loaded_shape(ref):   # the file's shape, through the transform on the way (lfm2's kernel gains an axis)
         return tuple(ref.transform.apply(torch.empty(ref.shape)).shape) if ref.transform else ref.shape
     assert {k: loaded_shape(ref) for k, ref in spec.params.items()} == expected
@@ -308,7 +337,7 @@ def test_unsupported_architecture_lists_the_supported(tmp_path):
         quantload.load(tmp_path / "x.gguf", progress=False)
     assert ", ".join(SUPPORTED_GGUF_ARCHITECTURES) in str(info.value)
     for key in CASES:
-        assert key.removesuffix("40b") in SUPPORTED_GGUF_ARCHITECTURES
+        assert {"falcon40b": "falcon", "umt5": "t5"}.get(key, key) in SUPPORTED_GGUF_ARCHITECTURES
 
 
 def test_falcon40b_is_a_layout_transformers_gguf_loader_does_not_build(files):

@@ -26,6 +26,7 @@ from .gpt2 import GPT2Family
 from .nemotron import NemotronFamily
 from .stablelm import StableLmFamily
 from .starcoder2 import Starcoder2Family
+from .t5 import T5Family
 from .lfm2 import Lfm2Family
 from .llama import LlamaFamily
 from .mamba import MambaFamily
@@ -41,7 +42,7 @@ __all__ = ["gguf_to_hf", "hf_to_gguf", "gguf_extra_tensors", "GGUFModelMap", "GG
 _FAMILIES: list[Family] = [LlamaFamily(), Qwen2Family(), Qwen3Family(), Gemma2Family(), Gemma3Family(),
                            Phi3Family()]
 _FAMILIES += [GPT2Family(), Starcoder2Family(), StableLmFamily(), NemotronFamily(), FalconFamily(),
-              BloomFamily(), DeciFamily(), Lfm2Family(), Qwen35Family(), Gemma4Family(), MambaFamily()]
+              BloomFamily(), DeciFamily(), Lfm2Family(), Qwen35Family(), Gemma4Family(), MambaFamily(), T5Family()]
 _BY_GGUF_ARCH = {arch: fam for fam in _FAMILIES for arch in fam.gguf_archs}
 _BY_MODEL_TYPE = {mt: fam for fam in _FAMILIES for mt in fam.model_types}
 
