@@ -218,11 +218,22 @@ import json, sys
 import numpy as np
 from llama_cpp import Llama
 ids = json.loads(sys.argv[2])
+import llama_cpp as L
+dec = json.loads(sys.argv[4])
 for i, path in enumerate(json.loads(sys.argv[1])):
     llm = Llama(model_path=path, n_ctx=max(32, len(ids)), n_batch=len(ids), logits_all=True, verbose=False,
                 n_threads=1, type_k=0, type_v=0, seed=0)
-    llm.eval(ids)
-    np.save(f"{sys.argv[3]}/{i}.npy", np.array(llm.scores[:len(ids)], dtype=np.float32))
+    if L.llama_model_has_encoder(llm._model.model):   # T5: encode ids, then decode `dec` (all logits)
+        llm._batch.set_batch(ids, n_past=0, logits_all=False)
+        assert L.llama_encode(llm._ctx.ctx, llm._batch.batch) == 0
+        llm._batch.set_batch(dec, n_past=0, logits_all=True)
+        assert L.llama_decode(llm._ctx.ctx, llm._batch.batch) == 0
+        n_vocab = L.llama_vocab_n_tokens(L.llama_model_get_vocab(llm._model.model))
+        out = np.ctypeslib.as_array(L.llama_get_logits(llm._ctx.ctx), shape=(len(dec), n_vocab)).copy()
+    else:
+        llm.eval(ids)
+        out = np.array(llm.scores[:len(ids)], dtype=np.float32)
+    np.save(f"{sys.argv[3]}/{i}.npy", out)
     del llm
 """
 
@@ -233,12 +244,14 @@ def llama_cpp_available() -> str | None:
     return None if r.returncode == 0 else f"llama-cpp-python is not importable: {r.stderr.strip()[-200:]}"
 
 
-def llama_cpp_logits(paths, ids) -> list[np.ndarray]:
+def llama_cpp_logits(paths, ids, decoder_ids=(0,)) -> list[np.ndarray]:
     """llama.cpp's logits (float32 [len(ids), vocab]) for `ids` from each model file, F32 KV cache, one
-    thread, all in one subprocess."""
+    thread, all in one subprocess; for an encoder-decoder (T5) `ids` are encoded and the logits are the
+    decoder's for `decoder_ids`."""
     paths = [str(p) for p in paths]
     with tempfile.TemporaryDirectory() as tmp:
-        r = subprocess.run([sys.executable, "-c", _LOGITS, json.dumps(paths), json.dumps(list(map(int, ids))), tmp],
+        r = subprocess.run([sys.executable, "-c", _LOGITS, json.dumps(paths), json.dumps(list(map(int, ids))), tmp,
+                            json.dumps(list(map(int, decoder_ids)))],
                            capture_output=True, text=True, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"})
         if r.returncode != 0:
             raise RuntimeError(f"llama.cpp could not run {paths} (rc {r.returncode}):\n{r.stderr[-3000:]}")

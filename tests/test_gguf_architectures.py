@@ -28,6 +28,7 @@ import gguf_build  # noqa: E402
 
 V = gguf_build.VOCAB_SIZE
 IDS = [1, 5, 9, 17, 3, 30, 200, 101]
+DECODER_IDS = [0, 7, 40, 3]          # an encoder-decoder's decoder input (0: T5's decoder start token)
 BLOCK_TYPES = ("f32", "f16", "q8_0", "q4_k")
 
 
@@ -140,6 +141,13 @@ def _t5(cls=transformers.T5ForConditionalGeneration, config=transformers.T5Confi
                       pad_token_id=0, eos_token_id=2))
 
 
+def _t5_untied_scale(theirs, ours):
+    """A T5 file without output.weight: transformers ties the head and scales the decoder output by
+    d_model**-0.5; llama.cpp (and quantload, with an untied head on the same blocks) does not."""
+    assert theirs.config.scale_decoder_outputs and not ours.config.scale_decoder_outputs
+    theirs.config.scale_decoder_outputs = False    # T5's forward reads it
+
+
 def _t5_gelu(theirs, ours):
     """transformers' GGUF loader marks a T5 file gated but keeps T5Config's ReLU (gated-ReLU); llama.cpp
     runs a gated T5 FFN with GELU (Flan-T5's gated-gelu), as quantload does."""
@@ -148,6 +156,7 @@ def _t5_gelu(theirs, ours):
     for name, m in theirs.named_modules():
         if name.endswith("DenseReluDense"):
             m.act = mine[name].act
+    _t5_untied_scale(theirs, ours)
 
 
 def _umt5():
@@ -188,9 +197,8 @@ CASES = {
     "gemma4": Case(_gemma4, transformers=False, save=False, consumed=["rope_freqs.weight"], quantized_tol=6e-2),
     # dt_proj's rows (time_step_rank 16) are no whole block: F32 in the file, a float Linear here too;
     # the selective scan amplifies llama.cpp's Q8_K activation rounding on Q4_K files (F32: 2e-3)
-    # llama-cpp-python's Llama evaluates decoder-only models (no llama_encode pass): transformers only
-    "t5": Case(_t5, hf_fix=_t5_gelu, llama_cpp=False, save=False),
-    "umt5": Case(_umt5, llama_cpp=False, save=False),
+    "t5": Case(_t5, hf_fix=_t5_gelu, save=False),
+    "umt5": Case(_umt5, hf_fix=_t5_untied_scale, save=False),
     "mamba": Case(_mamba, save=False, float_linears=("mixer.dt_proj",), quantized_tol=6e-2),
     "qwen35": Case(_qwen35, save=False, float_linears=("linear_attn.out_proj",), quantized_tol=0.1),
 }
@@ -235,7 +243,7 @@ def _theirs(path):
 def _logits(model, ids=IDS):
     with torch.no_grad():
         if model.config.is_encoder_decoder:   # the decoder's logits for a few tokens after the encoder's
-            return model(input_ids=torch.tensor([ids]), decoder_input_ids=torch.tensor([[0, 7, 40, 3]])).logits[0]
+            return model(input_ids=torch.tensor([ids]), decoder_input_ids=torch.tensor([DECODER_IDS])).logits[0]
         return model(torch.tensor([ids])).logits[0]
 
 
@@ -296,7 +304,7 @@ def llama_cpp(files):
     if reason:
         pytest.skip(reason)
     keys = [(k, t) for k in CASES if CASES[k].llama_cpp for t in LLAMA_CPP_TYPES]
-    logits = gguf_build.llama_cpp_logits([files[k][t] for k, t in keys], IDS)
+    logits = gguf_build.llama_cpp_logits([files[k][t] for k, t in keys], IDS, DECODER_IDS)
     return {kt: torch.from_numpy(x) for kt, x in zip(keys, logits)}
 
 

@@ -3,7 +3,8 @@
 An encoder-decoder: `enc.blk.*` and `dec.blk.*` with RMSNorms (T5's LayerNorm has no mean and no
 bias), relative position buckets (`attn_rel_b`, in the first block for T5, in every block for UMT5),
 cross attention in the decoder, and a gated-GELU (`ffn_gate`, Flan-T5 / v1.1) or ReLU FFN. llama.cpp
-fixes the bucket distance at 128 (transformers' default). Like transformers' GGUF loader, a file
+fixes the bucket distance at 128 (transformers' default). llama.cpp never rescales the decoder output
+by d_model**-0.5, which transformers' T5 does for a tied head: `scale_decoder_outputs` is off here. Like transformers' GGUF loader, a file
 whose `general.name` contains "umt5" becomes a UMT5 model. The encoder's and decoder's token tables
 are the shared one (`adapt`), so it stays one set of blocks. Not written back (no writer mapping).
 """
@@ -39,7 +40,11 @@ class T5Family(Family):
             feed_forward_proj="gated-gelu" if gated else "relu", is_encoder_decoder=True,
             decoder_start_token_id=meta.arch_int("decoder_start_token_id", 0),
             n_positions=meta.arch_int("context_length", 512),
-            tie_word_embeddings="output.weight" not in shapes, **token_id_kwargs(meta, vocab))
+            # transformers 5 ties T5's head always; False here only turns off its d_model**-0.5 rescale of
+            # the decoder output, which llama.cpp never applies
+            tie_word_embeddings=False, **token_id_kwargs(meta, vocab))
+        # a file's own head (Flan-T5) is loaded as such, beside the shared table (quantload keeps it)
+        config.gguf_own_head = "output.weight" in shapes
         if "enc.blk.0.attn_rel_b.weight" not in shapes:
             raise UnsupportedError("t5 without relative attention buckets in its first block", file=meta.file,
                                    key="enc.blk.0.attn_rel_b.weight")
@@ -58,7 +63,7 @@ class T5Family(Family):
         rules = [TensorRule("token_embd.weight", "shared.weight", (v, e)),
                  TensorRule("enc.output_norm.weight", "encoder.final_layer_norm.weight", (e,)),
                  TensorRule("dec.output_norm.weight", "decoder.final_layer_norm.weight", (e,))]
-        if not config.tie_word_embeddings:
+        if getattr(config, "gguf_own_head", False):
             rules.append(TensorRule("output.weight", "lm_head.weight", (v, e)))
 
         def attention(g, h):
