@@ -142,8 +142,8 @@ def _t5(cls=transformers.T5ForConditionalGeneration, config=transformers.T5Confi
 
 
 def _t5_untied_scale(theirs, ours):
-    """A T5 file without output.weight: transformers ties the head and scales the decoder output by
-    d_model**-0.5; llama.cpp (and quantload, with an untied head on the same blocks) does not."""
+    """A T5 file without output.weight: transformers' T5 scales the decoder output by d_model**-0.5
+    before its tied head; llama.cpp (and quantload: scale_decoder_outputs off) does not."""
     assert theirs.config.scale_decoder_outputs and not ours.config.scale_decoder_outputs
     theirs.config.scale_decoder_outputs = False    # T5's forward reads it
 

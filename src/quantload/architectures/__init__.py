@@ -23,16 +23,16 @@ from .falcon import FalconFamily
 from .gemma import Gemma2Family, Gemma3Family
 from .gemma4 import Gemma4Family
 from .gpt2 import GPT2Family
-from .nemotron import NemotronFamily
-from .stablelm import StableLmFamily
-from .starcoder2 import Starcoder2Family
-from .t5 import T5Family
 from .lfm2 import Lfm2Family
 from .llama import LlamaFamily
 from .mamba import MambaFamily
+from .nemotron import NemotronFamily
 from .phi3 import Phi3Family
 from .qwen import Qwen2Family, Qwen3Family
 from .qwen35 import Qwen35Family
+from .stablelm import StableLmFamily
+from .starcoder2 import Starcoder2Family
+from .t5 import T5Family
 from .transforms import AddScalar, RopePermute, RopeUnpermute, Transform
 
 __all__ = ["gguf_to_hf", "hf_to_gguf", "gguf_extra_tensors", "GGUFModelMap", "GGUFWriteMap", "ParamRef",
