@@ -83,6 +83,9 @@ class Gemma4Family(Family):
             hidden_size_per_layer_input=0, vocab_size_per_layer_input=vocab, num_kv_shared_layers=0,
             attention_k_eq_v=False, enable_moe_block=False,
             tie_word_embeddings="output.weight" not in shapes, **token_id_kwargs(meta, vocab))
+        # callers that size things per model (the planner's KV cache estimate) read config.head_dim; the
+        # sliding layers' value is what they get, the per-layer configs keep the truth for the model
+        config.allow_global_per_layer_attribute_access = True
         return finish_config(config, "Gemma4ForCausalLM"), consumed
 
     def rules(self, config):
