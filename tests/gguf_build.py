@@ -4,7 +4,7 @@
     save_tiny(model, d)                                       # save_pretrained + a tiny vocabulary
     [f32] = convert([(d, d / "m.f32.gguf")])                  # llama.cpp's convert_hf_to_gguf.py
     q8 = requantize(f32, d / "m.q8_0.gguf", "q8_0")           # the matrices in another block type
-    [logits] = llama_cpp_logits([q8], [1, 5, 9])              # llama.cpp's own forward pass
+    logits = llama_cpp_logits(q8, [1, 5, 9])                  # llama.cpp's own forward pass
 
 The converter is llama.cpp's `convert_hf_to_gguf.py` (with its `conversion/` package and its own
 gguf-py), vendored in the llama-cpp-python sdist: `llama_cpp_source()` finds it under
@@ -244,7 +244,12 @@ def llama_cpp_available() -> str | None:
     return None if r.returncode == 0 else f"llama-cpp-python is not importable: {r.stderr.strip()[-200:]}"
 
 
-def llama_cpp_logits(paths, ids, decoder_ids=(0,)) -> list[np.ndarray]:
+def llama_cpp_logits(path, ids, decoder_ids=(0,)) -> np.ndarray:
+    """llama.cpp's logits (float32 [len(ids), vocab]) for `ids` from one model file (see below)."""
+    return llama_cpp_logits_many([path], ids, decoder_ids)[0]
+
+
+def llama_cpp_logits_many(paths, ids, decoder_ids=(0,)) -> list[np.ndarray]:
     """llama.cpp's logits (float32 [len(ids), vocab]) for `ids` from each model file, F32 KV cache, one
     thread, all in one subprocess; for an encoder-decoder (T5) `ids` are encoded and the logits are the
     decoder's for `decoder_ids`."""

@@ -309,7 +309,7 @@ def llama_cpp(files):
     if reason:
         pytest.skip(reason)
     keys = [(k, t) for k in CASES if CASES[k].llama_cpp for t in LLAMA_CPP_TYPES]
-    logits = gguf_build.llama_cpp_logits([files[k][t] for k, t in keys], IDS, DECODER_IDS)
+    logits = gguf_build.llama_cpp_logits_many([files[k][t] for k, t in keys], IDS, DECODER_IDS)
     return {kt: torch.from_numpy(x) for kt, x in zip(keys, logits)}
 
 
