@@ -379,3 +379,14 @@ def test_gemma4_is_not_built_by_transformers_gguf_loader(files):
     assert [config.per_layer_config[i].head_dim for i in range(2)] == [64, 128]
     assert config.rope_parameters["full_attention"] == {"rope_type": "proportional", "partial_rotary_factor": 0.25,
                                                         "rope_theta": 1000000.0}
+
+
+def test_q4_k_test_encoder_gives_valid_blocks():
+    """gguf_build's Q4_K blocks (gguf-py has no K-quant quantizer) decode, by gguf-py, close to the values."""
+    import gguf
+    x = np.random.default_rng(0).standard_normal((4, 512)).astype(np.float32)
+    blocks = gguf_build._q4_k(x)
+    assert blocks.shape == (4, 2 * 144) and blocks.dtype == np.uint8
+    y = gguf.quants.dequantize(blocks, gguf.GGMLQuantizationType.Q4_K)
+    step = (x.reshape(4, 16, 32).max(-1) - np.minimum(x.reshape(4, 16, 32).min(-1), 0)) / 15
+    assert (np.abs(y - x).reshape(4, 16, 32).max(-1) <= 0.75 * step + 1e-2).all()
