@@ -9,7 +9,7 @@
 The converter is llama.cpp's `convert_hf_to_gguf.py` (with its `conversion/` package and its own
 gguf-py), vendored in the llama-cpp-python sdist: `llama_cpp_source()` finds it under
 $QUANTLOAD_LLAMA_CPP_DIR or `<repo>/.cache/llama.cpp-<version>`, fetching the sdist there once with
-`pip download` (skipping the test, with the reason, when that is not possible). It runs in a
+`pip download` (the temp dir when .cache is unusable; skipping the test, with the reason, when that is not possible). It runs in a
 subprocess, so its gguf-py never meets the installed one. Only the vocabulary is ours: the converter
 would need a real tokenizer whose pre-tokenizer hash it knows, so `set_vocab` writes a tiny byte-level
 BPE vocabulary instead; every tensor name, layout, permutation and hyperparameter key is the
@@ -48,9 +48,14 @@ def llama_cpp_source() -> pathlib.Path:
             pytest.skip(f"QUANTLOAD_LLAMA_CPP_DIR={env} has no convert_hf_to_gguf.py")
         return path
     cache = REPO / ".cache" / f"llama.cpp-{LLAMA_CPP_PYTHON}"
-    if (cache / "convert_hf_to_gguf.py").exists():
-        return cache
-    cache.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        if (cache / "convert_hf_to_gguf.py").exists():
+            return cache
+        cache.parent.mkdir(parents=True, exist_ok=True)
+    except OSError:   # no usable .cache in the checkout (read-only, a broken link): the temp dir then
+        cache = pathlib.Path(tempfile.gettempdir()) / f"quantload-llama.cpp-{LLAMA_CPP_PYTHON}"
+        if (cache / "convert_hf_to_gguf.py").exists():
+            return cache
     with tempfile.TemporaryDirectory(dir=cache.parent) as tmp:
         r = subprocess.run([sys.executable, "-m", "pip", "download", "--no-binary", ":all:", "--no-deps",
                             f"llama-cpp-python=={LLAMA_CPP_PYTHON}", "-d", tmp],
@@ -91,7 +96,12 @@ def save_tiny(model, directory) -> pathlib.Path:
     """`model.save_pretrained(directory)` (safetensors) and the vocabulary the converter will write."""
     directory = pathlib.Path(directory)
     model.save_pretrained(directory, safe_serialization=True)
-    (directory / "tiny_vocab.json").write_text(json.dumps(tiny_vocab()))
+    vocab = tiny_vocab()
+    (directory / "tiny_vocab.json").write_text(json.dumps(vocab))
+    # some converters read the vocabulary size from here (Gemma trims the embedding to it)
+    (directory / "tokenizer.json").write_text(json.dumps({
+        "version": "1.0", "added_tokens": [],
+        "model": {"type": "BPE", "vocab": {t: i for i, t in enumerate(vocab["tokens"])}, "merges": vocab["merges"]}}))
     return directory
 
 
@@ -208,10 +218,23 @@ import json, sys
 import numpy as np
 from llama_cpp import Llama
 ids = json.loads(sys.argv[2])
-llm = Llama(model_path=sys.argv[1], n_ctx=max(32, len(ids)), n_batch=len(ids), logits_all=True, verbose=False,
-            n_threads=1, type_k=0, type_v=0, seed=0)
-llm.eval(ids)
-np.save(sys.argv[3], np.array(llm.scores[:len(ids)], dtype=np.float32))
+import llama_cpp as L
+dec = json.loads(sys.argv[4])
+for i, path in enumerate(json.loads(sys.argv[1])):
+    llm = Llama(model_path=path, n_ctx=max(32, len(ids)), n_batch=len(ids), logits_all=True, verbose=False,
+                n_threads=1, type_k=0, type_v=0, seed=0)
+    if L.llama_model_has_encoder(llm._model.model):   # T5: encode ids, then decode `dec` (all logits)
+        llm._batch.set_batch(ids, n_past=0, logits_all=False)
+        assert L.llama_encode(llm._ctx.ctx, llm._batch.batch) == 0
+        llm._batch.set_batch(dec, n_past=0, logits_all=True)
+        assert L.llama_decode(llm._ctx.ctx, llm._batch.batch) == 0
+        n_vocab = L.llama_vocab_n_tokens(L.llama_model_get_vocab(llm._model.model))
+        out = np.ctypeslib.as_array(L.llama_get_logits(llm._ctx.ctx), shape=(len(dec), n_vocab)).copy()
+    else:
+        llm.eval(ids)
+        out = np.array(llm.scores[:len(ids)], dtype=np.float32)
+    np.save(f"{sys.argv[3]}/{i}.npy", out)
+    del llm
 """
 
 
@@ -221,12 +244,20 @@ def llama_cpp_available() -> str | None:
     return None if r.returncode == 0 else f"llama-cpp-python is not importable: {r.stderr.strip()[-200:]}"
 
 
-def llama_cpp_logits(path, ids) -> np.ndarray:
-    """llama.cpp's logits (float32 [len(ids), vocab]) for `ids`, F32 KV cache, one thread."""
+def llama_cpp_logits(path, ids, decoder_ids=(0,)) -> np.ndarray:
+    """llama.cpp's logits (float32 [len(ids), vocab]) for `ids` from one model file (see below)."""
+    return llama_cpp_logits_many([path], ids, decoder_ids)[0]
+
+
+def llama_cpp_logits_many(paths, ids, decoder_ids=(0,)) -> list[np.ndarray]:
+    """llama.cpp's logits (float32 [len(ids), vocab]) for `ids` from each model file, F32 KV cache, one
+    thread, all in one subprocess; for an encoder-decoder (T5) `ids` are encoded and the logits are the
+    decoder's for `decoder_ids`."""
+    paths = [str(p) for p in paths]
     with tempfile.TemporaryDirectory() as tmp:
-        out = os.path.join(tmp, "logits.npy")
-        r = subprocess.run([sys.executable, "-c", _LOGITS, str(path), json.dumps(list(map(int, ids))), out],
-                           capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+        r = subprocess.run([sys.executable, "-c", _LOGITS, json.dumps(paths), json.dumps(list(map(int, ids))), tmp,
+                            json.dumps(list(map(int, decoder_ids)))],
+                           capture_output=True, text=True, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"})
         if r.returncode != 0:
-            raise RuntimeError(f"llama.cpp could not run {path} (rc {r.returncode}):\n{r.stderr[-3000:]}")
-        return np.load(out)
+            raise RuntimeError(f"llama.cpp could not run {paths} (rc {r.returncode}):\n{r.stderr[-3000:]}")
+        return [np.load(os.path.join(tmp, f"{i}.npy")) for i in range(len(paths))]

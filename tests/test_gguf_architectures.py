@@ -9,6 +9,7 @@ undoes, on transformers' model) the difference.
 """
 from __future__ import annotations
 
+import inspect
 import json
 import os
 import sys
@@ -28,6 +29,7 @@ import gguf_build  # noqa: E402
 
 V = gguf_build.VOCAB_SIZE
 IDS = [1, 5, 9, 17, 3, 30, 200, 101]
+DECODER_IDS = [0, 7, 40, 3]          # an encoder-decoder's decoder input (0: T5's decoder start token)
 BLOCK_TYPES = ("f32", "f16", "q8_0", "q4_k")
 
 
@@ -118,10 +120,56 @@ def _qwen35():
         eos_token_id=2))
 
 
+def _gemma4():
+    # sliding layers with 64-wide heads, a full layer with 128-wide ones and proportional RoPE
+    return transformers.Gemma4ForCausalLM(transformers.Gemma4TextConfig(
+        vocab_size=V, hidden_size=256, intermediate_size=512, num_hidden_layers=2, num_attention_heads=2,
+        num_key_value_heads=1, head_dim=64, global_head_dim=128, layer_types=["sliding_attention", "full_attention"],
+        sliding_window=32, hidden_size_per_layer_input=0, vocab_size_per_layer_input=V, max_position_embeddings=128,
+        bos_token_id=1, eos_token_id=2, pad_token_id=0))
+
+
+def _mamba():
+    return transformers.MambaForCausalLM(transformers.MambaConfig(
+        vocab_size=V, hidden_size=256, state_size=16, num_hidden_layers=2, expand=2, conv_kernel=4,
+        bos_token_id=1, eos_token_id=2, pad_token_id=0))
+
+
+def _t5(cls=transformers.T5ForConditionalGeneration, config=transformers.T5Config):
+    # Flan-T5's layout (gated GELU); transformers 5 saves it tied, so the file has no output.weight
+    return cls(config(vocab_size=V, d_model=256, d_kv=64, d_ff=512, num_layers=2, num_decoder_layers=2, num_heads=4,
+                      feed_forward_proj="gated-gelu", relative_attention_num_buckets=32, decoder_start_token_id=0,
+                      pad_token_id=0, eos_token_id=2))
+
+
+def _t5_untied_scale(theirs, ours):
+    """A T5 file without output.weight: transformers' T5 scales the decoder output by d_model**-0.5
+    before its tied head; llama.cpp (and quantload: scale_decoder_outputs off) does not."""
+    assert theirs.config.scale_decoder_outputs and not ours.config.scale_decoder_outputs
+    theirs.config.scale_decoder_outputs = False    # T5's forward reads it
+
+
+def _t5_gelu(theirs, ours):
+    """transformers' GGUF loader marks a T5 file gated but keeps T5Config's ReLU (gated-ReLU); llama.cpp
+    runs a gated T5 FFN with GELU (Flan-T5's gated-gelu), as quantload does."""
+    assert theirs.config.dense_act_fn == "relu" and ours.config.dense_act_fn == "gelu_new"
+    mine = dict(ours.named_modules())
+    for name, m in theirs.named_modules():
+        if name.endswith("DenseReluDense"):
+            m.act = mine[name].act
+    _t5_untied_scale(theirs, ours)
+
+
+def _umt5():
+    # a relative-position table in every block; "Umt5" in general.name tells both loaders
+    return _t5(transformers.UMT5ForConditionalGeneration, transformers.UMT5Config)
+
+
 class Case:
     def __init__(self, make, hf_fix=None, llama_cpp=True, transformers=True, config_edit=None, save=True,
-                 float_linears=(), quantized_tol=3e-2):
+                 float_linears=(), quantized_tol=3e-2, consumed=()):
         self.make = make
+        self.consumed = list(consumed)      # file tensors read into the config, not into a parameter
         self.float_linears = float_linears  # modules a block file still loads as float (a column reorder)
         self.quantized_tol = quantized_tol  # vs llama.cpp on block files, relative to the largest logit
         self.save = save                   # quantload writes it back as GGUF (else: a named refusal)
@@ -132,7 +180,7 @@ class Case:
 
 
 CASES = {
-    "gpt2": Case(_gpt2),
+    "gpt2": Case(_gpt2, save=False),
     "starcoder2": Case(_starcoder2),
     "stablelm": Case(_stablelm),
     "nemotron": Case(_nemotron),
@@ -146,6 +194,13 @@ CASES = {
     "lfm2": Case(_lfm2, save=False),
     # ssm_out's columns are reordered (value heads): dequantized at load. The gated delta rule amplifies
     # llama.cpp's Q8 activation rounding, so block files agree with it more loosely (F32: 2e-3)
+    # transformers' GGUF loader cannot build Gemma 4 files (see gemma4.py): llama.cpp only
+    "gemma4": Case(_gemma4, transformers=False, save=False, consumed=["rope_freqs.weight"], quantized_tol=6e-2),
+    # dt_proj's rows (time_step_rank 16) are no whole block: F32 in the file, a float Linear here too;
+    # the selective scan amplifies llama.cpp's Q8_K activation rounding on Q4_K files (F32: 2e-3)
+    "t5": Case(_t5, hf_fix=_t5_gelu, save=False),
+    "umt5": Case(_umt5, hf_fix=_t5_untied_scale, save=False),
+    "mamba": Case(_mamba, save=False, float_linears=("mixer.dt_proj",), quantized_tol=6e-2),
     "qwen35": Case(_qwen35, save=False, float_linears=("linear_attn.out_proj",), quantized_tol=0.1),
 }
 
@@ -176,17 +231,24 @@ def files(tmp_path_factory):
     return out
 
 
+# the file's numerics, not the fast kernels' (bf16 products), where this quantload has the choice
+_EXACT = {"exact": True} if "exact" in inspect.signature(quantload.load).parameters else {}
+
+
 def _ours(path):
-    return quantload.load(path, dtype=torch.float32, progress=False)
+    return quantload.load(path, dtype=torch.float32, progress=False, **_EXACT)
 
 
 def _theirs(path):
-    return transformers.AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name,
-                                                             dtype=torch.float32).eval()
+    auto = transformers.AutoModelForSeq2SeqLM if path.name.startswith(("t5.", "umt5.")) else \
+        transformers.AutoModelForCausalLM
+    return auto.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32).eval()
 
 
 def _logits(model, ids=IDS):
     with torch.no_grad():
+        if model.config.is_encoder_decoder:   # the decoder's logits for a few tokens after the encoder's
+            return model(input_ids=torch.tensor([ids]), decoder_input_ids=torch.tensor([DECODER_IDS])).logits[0]
         return model(torch.tensor([ids])).logits[0]
 
 
@@ -223,27 +285,39 @@ def test_every_tensor_feeds_a_parameter(files, key):
         spec = gguf_to_hf(src.fields, {n: src.info(n) for n in src.keys()}, file=path, read_tensor=src.get_typed)
     finally:
         src.close()
-    assert spec.unused == []
+    assert spec.unused == CASES[key].consumed
     model = build_skeleton(spec.config, torch.float32)
     if spec.adapt is not None:
         spec.adapt(model)
-    expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
-    if spec.tied:
-        assert expected.pop("lm_head.weight") == spec.params[next(k for k in spec.params if "wte" in k or
-                                                                   "embed" in k)].shape
+    # every parameter once (a tied lm_head and T5's embed_tokens aliases are the embedding's), and the
+    # persistent buffers (Gemma 4's layer_scalar)
+    own = dict(model.named_parameters()) | dict(model.named_buffers())
+    expected = {k: tuple(v.shape) for k, v in model.state_dict().items() if k in own}
+    assert spec.tied == ("lm_head.weight" not in expected)
     def loaded_shape(ref):   # the file's shape, through the transform on the way (lfm2's kernel gains an axis)
         return tuple(ref.transform.apply(torch.empty(ref.shape)).shape) if ref.transform else ref.shape
     assert {k: loaded_shape(ref) for k, ref in spec.params.items()} == expected
 
 
-@pytest.mark.parametrize("key", [k for k in CASES if CASES[k].llama_cpp])
-@pytest.mark.parametrize("block_type", ["f32", "q8_0", "q4_k"])
-def test_logits_near_llama_cpp(files, key, block_type):
+LLAMA_CPP_TYPES = ("f32", "q8_0", "q4_k")
+
+
+@pytest.fixture(scope="module")
+def llama_cpp(files):
+    """{(case, block type): llama.cpp's logits}, from one llama-cpp-python run over every file."""
     reason = gguf_build.llama_cpp_available()
     if reason:
         pytest.skip(reason)
+    keys = [(k, t) for k in CASES if CASES[k].llama_cpp for t in LLAMA_CPP_TYPES]
+    logits = gguf_build.llama_cpp_logits_many([files[k][t] for k, t in keys], IDS, DECODER_IDS)
+    return {kt: torch.from_numpy(x) for kt, x in zip(keys, logits)}
+
+
+@pytest.mark.parametrize("key", [k for k in CASES if CASES[k].llama_cpp])
+@pytest.mark.parametrize("block_type", LLAMA_CPP_TYPES)
+def test_logits_near_llama_cpp(files, llama_cpp, key, block_type):
     path = files[key][block_type]
-    theirs = torch.from_numpy(gguf_build.llama_cpp_logits(path, IDS))
+    theirs = llama_cpp[key, block_type]
     ours = _logits(_ours(path))
     # llama.cpp multiplies quantized blocks with Q8-quantized activations (and F32 ones with its own
     # kernels): close, not equal
@@ -275,8 +349,8 @@ def test_unsupported_architecture_lists_the_supported(tmp_path):
     with pytest.raises(quantload.UnsupportedError, match="'rwkv7' is not mapped") as info:
         quantload.load(tmp_path / "x.gguf", progress=False)
     assert ", ".join(SUPPORTED_GGUF_ARCHITECTURES) in str(info.value)
-    for arch in CASES:
-        assert arch in SUPPORTED_GGUF_ARCHITECTURES
+    for key in CASES:
+        assert {"falcon40b": "falcon", "umt5": "t5"}.get(key, key) in SUPPORTED_GGUF_ARCHITECTURES
 
 
 def test_falcon40b_is_a_layout_transformers_gguf_loader_does_not_build(files):
@@ -295,3 +369,24 @@ def test_deci_is_not_built_by_transformers_gguf_loader(files):
         _theirs(path)
     config = _ours(path).config
     assert type(config).__name__ == "LlamaConfig" and config.num_key_value_heads == 2
+
+
+def test_gemma4_is_not_built_by_transformers_gguf_loader(files):
+    """transformers keeps Gemma 4's default head_dim (256) and per-layer inputs: the tensors do not fit."""
+    with pytest.raises(RuntimeError, match="ignore_mismatched_sizes"):
+        _theirs(files["gemma4"]["f32"])
+    config = _ours(files["gemma4"]["f32"]).config
+    assert [config.per_layer_config[i].head_dim for i in range(2)] == [64, 128]
+    assert config.rope_parameters["full_attention"] == {"rope_type": "proportional", "partial_rotary_factor": 0.25,
+                                                        "rope_theta": 1000000.0}
+
+
+def test_q4_k_test_encoder_gives_valid_blocks():
+    """gguf_build's Q4_K blocks (gguf-py has no K-quant quantizer) decode, by gguf-py, close to the values."""
+    import gguf
+    x = np.random.default_rng(0).standard_normal((4, 512)).astype(np.float32)
+    blocks = gguf_build._q4_k(x)
+    assert blocks.shape == (4, 2 * 144) and blocks.dtype == np.uint8
+    y = gguf.quants.dequantize(blocks, gguf.GGMLQuantizationType.Q4_K)
+    step = (x.reshape(4, 16, 32).max(-1) - np.minimum(x.reshape(4, 16, 32).min(-1), 0)) / 15
+    assert (np.abs(y - x).reshape(4, 16, 32).max(-1) <= 0.75 * step + 1e-2).all()

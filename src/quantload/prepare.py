@@ -205,6 +205,11 @@ def replace_modules(model: nn.Module, choose, dtype: torch.dtype) -> dict[str, o
     """Replace each nn.Linear / nn.Embedding for which `choose(name, module)` returns a scheme by a
     QLinear / QEmbedding. Returns {module name: scheme}."""
     chosen = {}
+    # a module reachable under several names (T5's shared embedding, also encoder/decoder.embed_tokens
+    # once the t5 family has aliased them) is replaced under every one of them
+    aliases: dict[int, list[str]] = {}
+    for name, mod in model.named_modules(remove_duplicate=False):
+        aliases.setdefault(id(mod), []).append(name)
     for name, mod in list(model.named_modules()):
         if not isinstance(mod, (nn.Linear, nn.Embedding)):
             continue
@@ -215,7 +220,8 @@ def replace_modules(model: nn.Module, choose, dtype: torch.dtype) -> dict[str, o
             new = QLinear.from_linear(mod, scheme, dtype)
         else:
             new = QEmbedding.from_embedding(mod, scheme, dtype)
-        set_submodule(model, name, new)
+        for alias in aliases.get(id(mod), [name]):
+            set_submodule(model, alias, new)
         chosen[name] = scheme
     return chosen
 

@@ -21,15 +21,18 @@ from .bloom import BloomFamily
 from .deci import DeciFamily
 from .falcon import FalconFamily
 from .gemma import Gemma2Family, Gemma3Family
+from .gemma4 import Gemma4Family
 from .gpt2 import GPT2Family
-from .nemotron import NemotronFamily
-from .stablelm import StableLmFamily
-from .starcoder2 import Starcoder2Family
 from .lfm2 import Lfm2Family
 from .llama import LlamaFamily
+from .mamba import MambaFamily
+from .nemotron import NemotronFamily
 from .phi3 import Phi3Family
 from .qwen import Qwen2Family, Qwen3Family
 from .qwen35 import Qwen35Family
+from .stablelm import StableLmFamily
+from .starcoder2 import Starcoder2Family
+from .t5 import T5Family
 from .transforms import AddScalar, RopePermute, RopeUnpermute, Transform
 
 __all__ = ["gguf_to_hf", "hf_to_gguf", "gguf_extra_tensors", "GGUFModelMap", "GGUFWriteMap", "ParamRef",
@@ -39,7 +42,7 @@ __all__ = ["gguf_to_hf", "hf_to_gguf", "gguf_extra_tensors", "GGUFModelMap", "GG
 _FAMILIES: list[Family] = [LlamaFamily(), Qwen2Family(), Qwen3Family(), Gemma2Family(), Gemma3Family(),
                            Phi3Family()]
 _FAMILIES += [GPT2Family(), Starcoder2Family(), StableLmFamily(), NemotronFamily(), FalconFamily(),
-              BloomFamily(), DeciFamily(), Lfm2Family(), Qwen35Family()]
+              BloomFamily(), DeciFamily(), Lfm2Family(), Qwen35Family(), Gemma4Family(), MambaFamily(), T5Family()]
 _BY_GGUF_ARCH = {arch: fam for fam in _FAMILIES for arch in fam.gguf_archs}
 _BY_MODEL_TYPE = {mt: fam for fam in _FAMILIES for mt in fam.model_types}
 

@@ -9,7 +9,7 @@ weights as [out, in], llama.cpp's layout, not transformers' [in, out].
 """
 from __future__ import annotations
 
-from .base import Family, TensorRule, expand_layers, f32, u32
+from .base import Family, TensorRule, expand_layers
 from .decoder import finish_config, token_id_kwargs, vocab_size_from
 
 
@@ -41,7 +41,9 @@ def linear_rules(gguf: str, hf: str, rows: int, cols: int, bias: bool = True, tr
 
 class GPT2Family(Family):
     gguf_archs = ("gpt2",)
-    model_types = ("gpt2",)
+    # not written back: a transformers GPT-2 keeps Conv1D weights [in, out], which the GGUF writer would
+    # store untransposed; until it can tell the two layouts apart, saving a gpt2 model is refused
+    model_types = ()
 
     def config_from_gguf(self, meta, shapes, read_tensor):
         from transformers import GPT2Config
@@ -76,12 +78,3 @@ class GPT2Family(Family):
                      *linear_rules("blk.{bid}.ffn_up", f"{h}.mlp.c_fc", ff, e),
                      *linear_rules("blk.{bid}.ffn_down", f"{h}.mlp.c_proj", e, ff)]
         return rules + expand_layers(config.n_layer, per_layer)
-
-    def fields_from_config(self, config, arch):
-        return {"general.architecture": arch,
-                f"{arch}.context_length": u32(config.n_positions),
-                f"{arch}.embedding_length": u32(config.n_embd),
-                f"{arch}.feed_forward_length": u32(config.n_inner or 4 * config.n_embd),
-                f"{arch}.block_count": u32(config.n_layer),
-                f"{arch}.attention.head_count": u32(config.n_head),
-                f"{arch}.attention.layer_norm_epsilon": f32(config.layer_norm_epsilon)}
