@@ -134,6 +134,7 @@ def test_exact_load_is_dequantize_then_linear_bit_for_bit(tiny_untied, quantize)
     ids = torch.randint(0, 256, (1, 6), generator=torch.Generator().manual_seed(0))
     exact = quantload.load(tiny_untied, quantize=quantize, dtype="float32", progress=False, exact=True)
     assert set(exact.load_report.kernel_counts()) == {"exact"}
+    assert all(c.reason == "exact=True" for c in exact.load_report.kernels.values())
     logits, seen = _layer_io(exact, ids)
     assert len(seen) == 14
     for mod, x, y in seen:
@@ -146,7 +147,8 @@ def test_exact_load_is_dequantize_then_linear_bit_for_bit(tiny_untied, quantize)
     fast = quantload.load(tiny_untied, quantize=quantize, dtype="float32", progress=False)
     with torch.inference_mode():
         fast_logits = fast(ids).logits
-        assert not torch.equal(fast_logits, logits)
+        # LLM.int8's fast path is its own algorithm on torch._int_mm: the same integers here (K <= 1024)
+        assert torch.equal(fast_logits, logits) == (quantize == "int8")
         quantload.set_exact(True)
         assert torch.equal(fast(ids).logits, logits)
         assert torch.equal(exact(ids).logits, logits)

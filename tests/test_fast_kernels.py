@@ -40,7 +40,6 @@ FIXTURE_KERNELS = {
     "gptq_v1_b4_g128_asym": "int4pack g128",
     "gptq_v1_b4_g128_sym": "int4pack g128",
     "gptq_v1_b8_g-1_sym": "int8pack",
-    "bnb_int8_96x256_float16": "int8pack",
     "bnb_nf4_dq_96x256_bfloat16": "int8pack rows x2 planes",
     "bnb_nf4_nodq_96x256_bfloat16": "int8pack rows x2 planes",
     "bnb_fp4_nodq_96x256_bfloat16": "int8pack rows x2 planes",
@@ -156,6 +155,23 @@ def test_formats_without_a_kernel_keep_the_exact_path(fixtures_dir, name):
         assert NOT_ELIGIBLE[name] in prepared.meta[kernels.SKIP_KEY]
     x = torch.randn(3, qt.shape[1])
     assert torch.equal(prepared.scheme.linear(x, prepared, None), qt.scheme.linear(x, qt, None))
+
+
+def test_llm_int8_fast_path_is_its_own_algorithm_on_int_mm(fixtures_dir):
+    """LLM.int8 keeps int8 activations and outlier columns; torch._int_mm gives the exact int32 product,
+    so the output is the exact path's wherever that path is exact too (AVX-512, or in_features <= 1024
+    where float32 runs are exact integers: this fixture)."""
+    from quantload.schemes import bnb8
+    qt = _fixture_qtensor(fixtures_dir, "bnb_int8_96x256_float16")
+    prepared = qt.scheme.prepare_runtime(qt)
+    assert prepared.meta.get(bnb8.INT_MM_KEY) and kernels.choice_of(prepared).kernel == "int_mm"
+    assert "92.2%" in kernels.choice_of(prepared).not_taken["int8pack"]
+    x = torch.randn(2, 5, qt.shape[1], generator=torch.Generator().manual_seed(0)) * 3   # some outliers
+    with torch.inference_mode():
+        fast = prepared.scheme.linear(x, prepared, None)
+        quantload.set_exact(True)
+        exact = prepared.scheme.linear(x, prepared, None)
+    assert torch.equal(fast, exact) and torch.equal(exact, qt.scheme.linear(x, qt, None))
 
 
 # --- the switch and the dispatch rules ---------------------------------------------------------------

@@ -147,6 +147,15 @@ def fast_at_any_rows():
         _any_rows = previous
 
 
+def marking_now() -> bool:
+    """Whether a weight prepared now is meant for the fast path (the load's exact=, else set_exact)."""
+    return _marking()
+
+
+def exact_choice() -> KernelChoice:
+    return KernelChoice("exact", "exact=True" if _load_exact else "quantload.set_exact(True)")
+
+
 def _marking() -> bool:
     return _enabled if _load_exact is None else not _load_exact
 
@@ -467,7 +476,7 @@ def attach_fast(qt, affine_of, dense_rows=None) -> object:
         return qt
     meta = {k: v for k, v in qt.meta.items() if k not in (FAST_KEY, SKIP_KEY, CHOICE_KEY)}
     if not _marking():
-        meta[CHOICE_KEY] = KernelChoice("exact", "exact=True" if _load_exact else "quantload.set_exact(True)")
+        meta[CHOICE_KEY] = exact_choice()
     else:
         meta[PENDING_KEY] = _Pending(affine_of, dense_rows)
         meta[CHOICE_KEY] = meta[PENDING_KEY].choice
