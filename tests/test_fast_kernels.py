@@ -40,12 +40,13 @@ FIXTURE_KERNELS = {
     "gptq_v1_b4_g128_asym": "int4pack g128",
     "gptq_v1_b4_g128_sym": "int4pack g128",
     "gptq_v1_b8_g-1_sym": "int8pack",
-    "bnb_int8_96x256_float16": "int8pack",
     "bnb_nf4_dq_96x256_bfloat16": "int8pack rows x2 planes",
     "bnb_nf4_nodq_96x256_bfloat16": "int8pack rows x2 planes",
     "bnb_fp4_nodq_96x256_bfloat16": "int8pack rows x2 planes",
-    "hqq_b4_g64_axis1": "int8pack rows x2 planes",
-    "quanto_qint4": "int8pack rows x2 planes",
+    "hqq_b4_g64_axis1": "int4pack g64",
+    "hqq_b2_g64_axis0": "int8pack rows x2 planes",
+    "quanto_qint4": "int4pack g128",
+    "quanto_qint8": "int8pack",
 }
 NOT_ELIGIBLE = {"bnb_nf4_nodq_7x9_float16": "do not tile the rows"}
 
@@ -100,7 +101,7 @@ def assert_within_tolerance(y_fast, x, w, grid=None):
     return (err.norm() / ref.norm()).item()
 
 
-def assert_kernel_weight_matches(kernel, w, grid=None):
+def assert_kernel_weight_matches(kernel, w, grid=None, factor=1.0):
     """The weight the kernel multiplies by, read back through an identity input (one product per sum:
     exact, then the output's bfloat16 rounding), against the exact weight: within 2^-6 of the row's
     largest |w| m, plus the grid error for NF4/FP4. The roundings of the scale (2^-9 relative, times
@@ -109,7 +110,7 @@ def assert_kernel_weight_matches(kernel, w, grid=None):
     in the wrong place, a wrong zero point or a lost permutation is off by at least one step (~m / 8
     for 4-bit codes), 8x the bound."""
     seen = kernel(torch.eye(w.shape[1]), None).T.double()
-    bound = 2.0 ** -6 * w.double().abs().amax(1, keepdim=True) + (0 if grid is None else grid)
+    bound = factor * 2.0 ** -6 * w.double().abs().amax(1, keepdim=True) + (0 if grid is None else grid)
     err = (seen - w.double()).abs()
     assert bool((err <= bound).all()), f"worst error/bound {(err / bound).max().item():.3f}"
 
@@ -134,8 +135,15 @@ def test_fixture_packs_keeps_bytes_and_stays_close(fixtures_dir, name):
     y = prepared.scheme.linear(x, prepared, bias)
     assert y.shape == (2, 3, qt.shape[0]) and y.dtype == torch.float32
     assert torch.equal(y, kernel(x, bias))                 # the scheme's linear ran the kernel
-    assert_within_tolerance(y - bias, x, w, _grid_error(qt, kernel))
-    assert_kernel_weight_matches(kernel, w, _grid_error(qt, kernel))
+    # quanto's float shift (W = s * q - shift) puts the zero point outside the codes' range in groups of
+    # one sign: the kernel's zero offset is then more than ~8 steps, and its bfloat16 rounding (2^-9 of
+    # it) is added to the bound
+    grid = _grid_error(qt, kernel)
+    if name == "quanto_qint4":
+        zero = kernel.scales_zeros[:, : qt.shape[0], 1].double().abs().T.repeat_interleave(kernel.group, 1)
+        grid = 2.0 ** -9 * zero[:, : qt.shape[1]]
+    assert_within_tolerance(y - bias, x, w, grid)
+    assert_kernel_weight_matches(kernel, w, grid, factor=2.0 if name == "quanto_qint4" else 1.0)
 
 
 @pytest.mark.parametrize("name", sorted(NOT_ELIGIBLE))
@@ -147,6 +155,23 @@ def test_formats_without_a_kernel_keep_the_exact_path(fixtures_dir, name):
         assert NOT_ELIGIBLE[name] in prepared.meta[kernels.SKIP_KEY]
     x = torch.randn(3, qt.shape[1])
     assert torch.equal(prepared.scheme.linear(x, prepared, None), qt.scheme.linear(x, qt, None))
+
+
+def test_llm_int8_fast_path_is_its_own_algorithm_on_int_mm(fixtures_dir):
+    """LLM.int8 keeps int8 activations and outlier columns; torch._int_mm gives the exact int32 product,
+    so the output is the exact path's wherever that path is exact too (AVX-512, or in_features <= 1024
+    where float32 runs are exact integers: this fixture)."""
+    from quantload.schemes import bnb8
+    qt = _fixture_qtensor(fixtures_dir, "bnb_int8_96x256_float16")
+    prepared = qt.scheme.prepare_runtime(qt)
+    assert prepared.meta.get(bnb8.INT_MM_KEY) and kernels.choice_of(prepared).kernel == "int_mm"
+    assert "92.2%" in kernels.choice_of(prepared).not_taken["int8pack"]
+    x = torch.randn(2, 5, qt.shape[1], generator=torch.Generator().manual_seed(0)) * 3   # some outliers
+    with torch.inference_mode():
+        fast = prepared.scheme.linear(x, prepared, None)
+        quantload.set_exact(True)
+        exact = prepared.scheme.linear(x, prepared, None)
+    assert torch.equal(fast, exact) and torch.equal(exact, qt.scheme.linear(x, qt, None))
 
 
 # --- the switch and the dispatch rules ---------------------------------------------------------------

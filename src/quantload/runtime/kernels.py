@@ -13,11 +13,12 @@ The scheme's `linear` calls `fast_linear` first. What runs:
   so one call sums them. Group sizes 32/64/128/256 (others that are multiples of one of them repeat
   their scales; per-channel weights are one group); the input dimension is zero-padded up to a whole
   number of groups and the outputs up to a multiple of 16 (the kernel's block).
-* "int8pack": `torch._weight_int8pack_mm` for symmetric per-output-channel int8 (LLM.int8, w8a16), and
-  for NF4/FP4 (`int8_rows`): a 16-entry table per block is not affine, so its exact values are
-  requantized to int8 with one scale per row (within rowmax / 254). One byte a weight, and the int8
-  kernel is ~1.7x faster per weight than the int4 one: 2x-3x faster than the two 4-bit planes an
-  integer grid of the table needs (measured in bench/decode.py).
+* "int8pack": `torch._weight_int8pack_mm` for symmetric per-output-channel int8 (w8a16), and, as
+  "int8pack rows x2 planes" (`int8_rows`), for every weight that is not affine codes in groups the int4
+  kernel takes (NF4/FP4 tables, K-quants with 16-element sub-blocks, i-quants, odd groups, HQQ axis 0):
+  the exact values requantized to int8 per row, plus an int8 plane of the residual (w = s * (c1 + c2/128)).
+  One plane alone (within rowmax / 254) missed the fidelity bar on NF4 (docs/kernels.md).
+* The output head (mark_output_head) is wrapped in TopRefined: its largest logits recomputed exactly.
 
 Numerics. On CPU only the bfloat16 variants of these kernels are vectorized (the float32 ones are ~20x
 slower than a dense float32 matmul, the float16 one ~10x), so the fast path computes in bfloat16: the
@@ -33,12 +34,13 @@ decode and short prompts; larger batches dequantize once and use the BLAS matmul
 kernel costs rows x planes; a float dequantize does not grow with the rows). Outside autograd, and on
 the device the weight was packed on. Everything else takes the scheme's exact path (dequantize, then F.linear).
 
-The switch: the kernels are OFF by default (exact numerics first). `set_fast_kernels(True)` before a
-load (or QUANTLOAD_FAST_KERNELS=1 in the environment at import) marks eligible weights, repacked on
-their first forward (never at load; an embedding is never repacked) and used from then on;
-`set_fast_kernels(False)` makes every QLinear take the exact path again, bit for bit the
-dequantize-then-matmul result; with the switch off at load time nothing is marked (no extra memory).
-The repacked copy is extra memory (NF4: 1 byte a weight beside its ~0.56): `kernel.nbytes`.
+The switch: the kernels are ON by default (quantload.set_exact, load(exact=), QUANTLOAD_EXACT=1;
+set_fast_kernels is the older, deprecated spelling). A load marks eligible weights, repacked on their
+first forward (never at load; an embedding is never repacked) and used from then on; `set_exact(True)`
+makes every QLinear take the exact path again, bit for bit the dequantize-then-matmul result; a load
+made exact marks nothing (no extra memory). Each weight's KernelChoice (meta[CHOICE_KEY], shown in
+LoadReport.kernels) says which kernel it got and why the others were not taken. The repacked copy is
+extra memory (int4: ~0.6 byte a weight, int8 x2 planes: 2 bytes, beside the checkpoint's): `kernel.nbytes`.
 """
 from __future__ import annotations
 
@@ -145,6 +147,15 @@ def fast_at_any_rows():
         yield
     finally:
         _any_rows = previous
+
+
+def marking_now() -> bool:
+    """Whether a weight prepared now is meant for the fast path (the load's exact=, else set_exact)."""
+    return _marking()
+
+
+def exact_choice() -> KernelChoice:
+    return KernelChoice("exact", "exact=True" if _load_exact else "quantload.set_exact(True)")
 
 
 def _marking() -> bool:
@@ -467,7 +478,7 @@ def attach_fast(qt, affine_of, dense_rows=None) -> object:
         return qt
     meta = {k: v for k, v in qt.meta.items() if k not in (FAST_KEY, SKIP_KEY, CHOICE_KEY)}
     if not _marking():
-        meta[CHOICE_KEY] = KernelChoice("exact", "exact=True" if _load_exact else "quantload.set_exact(True)")
+        meta[CHOICE_KEY] = exact_choice()
     else:
         meta[PENDING_KEY] = _Pending(affine_of, dense_rows)
         meta[CHOICE_KEY] = meta[PENDING_KEY].choice

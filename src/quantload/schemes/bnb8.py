@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import ConfigError, QuantStateError, ShapeMismatchError, UnsupportedError
+from ..report import KernelChoice
 from ..runtime import kernels
 from .base import QTensor, Scheme
 from .checks import expect_dtype, expect_shape, full_key, need
@@ -65,6 +66,9 @@ def int8_matmul_like_bnb(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     if a.device.type != "cpu" or _BNB_USES_INT_MM:
         return int8_matmul_exact(a, b)
     return torch.matmul(a.float(), b.float().t()).to(torch.int32)
+
+
+INT_MM_KEY = "int_mm"   # qt.meta: the fast path computes the int32 product with torch._int_mm
 
 
 class Bnb8Scheme(Scheme):
@@ -137,9 +141,25 @@ class Bnb8Scheme(Scheme):
         return QTensor(self, {"CB": cb, "SCB": scb}, w.shape, w.dtype)
 
     def prepare_runtime(self, qt: QTensor) -> QTensor:
-        """The packed int8 kernel (runtime/kernels.py): W = CB * (SCB / 127) per output row. It computes
-        the weight-only product in bfloat16, without LLM.int8's int8 activations and outlier split."""
-        return kernels.attach_fast(qt, self.affine_weight)
+        """The fast path keeps LLM.int8's own algorithm (int8 activations per row, outlier columns in the
+        input dtype) and computes its int32 product with torch._int_mm (CPU): the same integers as the
+        exact path (bnb's own on AVX-512 CPUs), ~7x faster at one row than float32 runs. The packed
+        weight-only int8 kernel (affine_weight) is not used: it skips the activation quantization and
+        missed the fidelity bar (top-1 agreement with the exact path 92.2% on SmolLM2, 4096 tokens)."""
+        if qt.is_meta:
+            return qt
+        meta = {k: v for k, v in qt.meta.items() if k != kernels.CHOICE_KEY}
+        if not kernels.marking_now():
+            meta[kernels.CHOICE_KEY] = kernels.exact_choice()
+        elif qt.device.type != "cpu":
+            meta[kernels.CHOICE_KEY] = KernelChoice("exact", "torch._int_mm is used on CPU only")
+        else:
+            meta[INT_MM_KEY] = True
+            meta[kernels.CHOICE_KEY] = KernelChoice(
+                "int_mm", "LLM.int8's algorithm, its int32 product by torch._int_mm",
+                {"int8pack": "weight-only bfloat16 product: top-1 agreement with the exact path 92.2% on "
+                             "SmolLM2 (bar: 98%)"})
+        return QTensor(self, qt.data, qt.shape, qt.dtype, meta)
 
     def affine_weight(self, qt: QTensor) -> kernels.AffineWeight:
         cb, scb = qt.data["CB"], qt.data["SCB"]
@@ -159,9 +179,6 @@ class Bnb8Scheme(Scheme):
         acc * (SCA * SCB) * 6.200124e-05 (+ bias) in float32, cast to the input dtype.
         The int32 product is computed as bnb does on this machine (int8_matmul_like_bnb), so the output
         equals bnb's bit for bit."""
-        y = kernels.fast_linear(x, qt, bias)
-        if y is not None:
-            return y
         cb, scb = qt.data["CB"], qt.data["SCB"]
         out_features, in_features = cb.shape
         lead = x.shape[:-1]
@@ -179,7 +196,10 @@ class Bnb8Scheme(Scheme):
         ca, sca = int8_rowwise_quantize(a16)
         if outlier_cols is not None:
             ca[:, outlier_cols] = 0
-        acc = int8_matmul_like_bnb(ca, cb)
+        if qt.meta.get(INT_MM_KEY) and kernels.fast_kernels_enabled() and ca.device.type == "cpu":
+            acc = torch._int_mm(ca, cb.t())          # exact int32, as bnb on AVX-512 (fast path)
+        else:
+            acc = int8_matmul_like_bnb(ca, cb)
         out = acc * (sca.view(-1, 1) * scb.view(1, -1)) * MM_DEQUANT_SCALE
         if bias is not None:
             out += bias.to(x.dtype)

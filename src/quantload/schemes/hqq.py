@@ -152,6 +152,21 @@ class HQQScheme(kernels.FastLinear, Scheme):
         w = ((codes - qt.data["zero"]) * qt.data["scale"]).reshape(qt.shape)
         return w.to(dtype)
 
+    def affine_weight(self, qt: QTensor) -> kernels.AffineWeight:
+        """The fast path's view (runtime/kernels.py): with axis=1 and a group size dividing in_features,
+        each weight row holds n_in / gs contiguous groups, W = (codes - zero) * scale (a float zero)."""
+        m = qt.meta
+        n_out, n_in = qt.shape
+        gs = m.get("group_size")
+        if m["axis"] != 1 or not m.get("channel_wise", True) or gs is None or n_in % gs:
+            raise kernels.NotEligible(f"HQQ axis={m['axis']} group_size={gs}: groups are not contiguous "
+                                      "within rows")
+        shifts = [(m["slices"] - 1 - k) * m["bits"] for k in range(m["slices"])]
+        codes = unpack_planes(qt.data["W_q"], m["bits"], shifts)[: m["rows"]].reshape(n_out, n_in)
+        groups = n_in // gs
+        return kernels.AffineWeight(codes, qt.data["scale"].reshape(n_out, groups), m["bits"], gs,
+                                    zero=qt.data["zero"].reshape(n_out, groups))
+
     def encode(self, qt: QTensor) -> dict[str, torch.Tensor]:
         m = qt.meta
         w_q = qt.data["W_q"]

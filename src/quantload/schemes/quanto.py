@@ -138,6 +138,31 @@ class QuantoScheme(kernels.FastLinear, Scheme):
             w = scale * (codes.to(torch.int8) - shift.to(torch.int8)).to(scale.dtype)
         return w.reshape(qt.shape).to(dtype)
 
+    def affine_weight(self, qt: QTensor) -> kernels.AffineWeight:
+        """The fast path's view (runtime/kernels.py): qint2/qint4 groups of `cols` inputs (each row of the
+        weight holds n_in / cols of them), W = scale * q - shift or scale * (q - shift); qint8 per row,
+        W = scale * q (symmetric: the int8 kernel). qfloat8 is not integer codes."""
+        scale = qt.data["weight._scale"]
+        n_out, n_in = qt.shape
+        if self.qtype == "qfloat8":
+            raise kernels.NotEligible("float8 codes are not integers")
+        if not self.packed:
+            if scale.numel() == 1:
+                scale = scale.reshape(1, 1).expand(n_out, 1)
+            codes = (qt.data["weight._data"].to(torch.int16) + 128).to(torch.uint8)
+            return kernels.AffineWeight(codes, scale.reshape(n_out, 1), 8, n_in, zero=torch.full_like(
+                scale.reshape(n_out, 1), 128, dtype=torch.float32))
+        shifts = [k * self.bits for k in range(8 // self.bits)]
+        codes = unpack_planes(qt.data["weight._data._data"], self.bits, shifts)[: qt.meta["rows"]]
+        group = codes.shape[1]
+        groups = n_in // group
+        shift = qt.data["weight._shift"].reshape(n_out, groups)
+        scale = scale.reshape(n_out, groups)
+        codes = codes.reshape(n_out, n_in)
+        if shift.is_floating_point():
+            return kernels.AffineWeight(codes, scale, self.bits, group, bias=-shift)
+        return kernels.AffineWeight(codes, scale, self.bits, group, zero=shift)
+
     def encode(self, qt: QTensor) -> dict[str, torch.Tensor]:
         return dict(qt.data)
 
