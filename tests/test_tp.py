@@ -1,0 +1,168 @@
+"""Tensor-parallel loading (issue #14) end to end: N gloo ranks on 127.0.0.1, started here as subprocesses
+(tests/tp_worker.py), load a tiny random llama with tp_plan="auto"; their logits and greedy tokens must
+equal one process's, and each rank reads at most 1/N of the split layers plus the replicated tensors."""
+import json
+import os
+import pathlib
+import socket
+import subprocess
+import sys
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+import quantload
+from test_awq import _i32, pack_gemm
+from test_gptq import autogptq_pack
+
+HERE = pathlib.Path(__file__).parent
+SRC = str(pathlib.Path(quantload.__file__).resolve().parents[1])
+STATS = ("scales", "qzeros", "g_idx", "absmax", "quant_map", "quant_state", "nested")
+
+
+def tiny_llama(path, kv_heads=2):
+    from transformers import LlamaConfig, LlamaForCausalLM
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=256, hidden_size=128, intermediate_size=256, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=kv_heads, max_position_embeddings=64,
+                      tie_word_embeddings=False)
+    model = LlamaForCausalLM(cfg).eval()
+    model.save_pretrained(path)
+    return path
+
+
+def _linears(sd):
+    return [k[:-len(".weight")] for k, v in sd.items() if k.endswith("_proj.weight")]
+
+
+def _with_config(dense, out, sd, qc):
+    out.mkdir(parents=True, exist_ok=True)
+    save_file(sd, out / "model.safetensors")
+    cfg = json.loads((dense / "config.json").read_text())
+    cfg["quantization_config"] = qc
+    (out / "config.json").write_text(json.dumps(cfg))
+    return out
+
+
+def gptq_checkpoint(dense, out, gs=32, desc_act=True):
+    from safetensors.torch import load_file
+    sd = load_file(dense / "model.safetensors")
+    g = torch.Generator().manual_seed(1)
+    for name in _linears(sd):
+        n_out, n_in = sd.pop(name + ".weight").shape
+        ng = n_in // gs
+        q = torch.randint(0, 16, (n_in, n_out), generator=g)
+        z = torch.randint(1, 16, (ng, n_out), generator=g)
+        scales = (torch.rand(ng, n_out, generator=g) * 0.02 + 0.002).to(torch.float16)
+        g_idx = torch.arange(n_in, dtype=torch.int32) // gs
+        if desc_act:
+            g_idx = g_idx[torch.randperm(n_in, generator=g)]
+        sd.update({f"{name}.{k}": v for k, v in autogptq_pack(q, z, scales, g_idx, 4, v1=False).items()})
+    return _with_config(dense, out, sd, {"quant_method": "gptq", "bits": 4, "group_size": gs, "desc_act": desc_act,
+                                         "sym": False, "checkpoint_format": "gptq_v2"})
+
+
+def awq_checkpoint(dense, out, gs=32):
+    from safetensors.torch import load_file
+    sd = load_file(dense / "model.safetensors")
+    g = torch.Generator().manual_seed(2)
+    for name in _linears(sd):
+        n_out, n_in = sd.pop(name + ".weight").shape
+        q = torch.randint(0, 16, (n_in, n_out), generator=g)
+        z = torch.randint(0, 16, (n_in // gs, n_out), generator=g)
+        s = (torch.rand(n_in // gs, n_out, generator=g) * 0.02 + 2e-3).to(torch.float16)
+        sd.update({f"{name}.qweight": _i32(pack_gemm(q.numpy())), f"{name}.qzeros": _i32(pack_gemm(z.numpy())),
+                   f"{name}.scales": s})
+    return _with_config(dense, out, sd, {"quant_method": "awq", "bits": 4, "group_size": gs, "zero_point": True,
+                                         "version": "gemm"})
+
+
+def nf4_checkpoint(dense, out):
+    model = quantload.load(dense, quantize={"quant_method": "bitsandbytes", "load_in_4bit": True,
+                                            "bnb_4bit_quant_type": "nf4", "bnb_4bit_use_double_quant": True},
+                           progress=False)
+    quantload.save(model, out, tokenizer=None)
+    return out
+
+
+def _port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def run_ranks(ckpt, world, mode, tmp_path, timeout=90):
+    port = str(_port())
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([SRC, os.environ.get("PYTHONPATH", "")]),
+           "OMP_NUM_THREADS": "1"}
+    outs = [tmp_path / f"{mode}_rank{r}.json" for r in range(world)]
+    procs = [subprocess.Popen([sys.executable, str(HERE / "tp_worker.py"), str(ckpt), str(world), str(r), port,
+                               str(outs[r]), mode], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+             for r in range(world)]
+    logs = []
+    try:
+        for p in procs:
+            logs.append(p.communicate(timeout=timeout)[0].decode(errors="replace"))
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+    for p, log in zip(procs, logs):
+        assert p.returncode == 0, log[-3000:]
+    return [json.loads(o.read_text()) for o in outs]
+
+
+def split_share(ckpt, world):
+    """(bound on one rank's bytes, file bytes): split layers' main pieces / N, plus everything else whole."""
+    from safetensors import safe_open
+    split, other = 0, 0
+    with safe_open(ckpt / "model.safetensors", "pt") as f:
+        for k in f.keys():
+            t = f.get_slice(k)
+            n = t.get_dtype()
+            size = torch.Size(t.get_shape()).numel() * {"F32": 4, "F16": 2, "BF16": 2, "I32": 4, "U8": 1}[n]
+            if any(p in k for p in ("_proj.", "lm_head")) and not any(s in k.rpartition(".weight")[2] + k.split(
+                    "_proj.")[-1] for s in STATS):
+                split += size
+            else:
+                other += size
+    return split / world + other, split + other
+
+
+@pytest.fixture(scope="module")
+def dense(tmp_path_factory):
+    return tiny_llama(tmp_path_factory.mktemp("tp") / "dense")
+
+
+@pytest.mark.parametrize("fmt,world", [("dense", 2), ("nf4-dq", 2), ("gptq-actorder", 2), ("awq", 2), ("awq", 4)])
+def test_tp_logits_equal_one_process(fmt, world, dense, tmp_path):
+    base = dense if world == 2 else tiny_llama(tmp_path / "dense4", kv_heads=4)
+    ckpt = {"dense": lambda: base, "nf4-dq": lambda: nf4_checkpoint(base, tmp_path / "nf4"),
+            "gptq-actorder": lambda: gptq_checkpoint(base, tmp_path / "gptq"),
+            "awq": lambda: awq_checkpoint(base, tmp_path / "awq")}[fmt]()
+    results = run_ranks(ckpt, world, "load", tmp_path)
+    ref = torch.tensor(results[0]["ref_logits"])
+    bound, file_bytes = split_share(ckpt, world)
+    for r in results:
+        logits = torch.tensor(r["logits"])
+        diff = (logits - ref).abs().max().item()
+        assert diff <= 1e-4 * max(1.0, ref.abs().max().item()), (fmt, r["rank"], diff)
+        assert r["tokens"] == results[0]["ref_tokens"]
+        par = r["parallel"]
+        assert par["world"] == world and par["file_bytes"] == file_bytes
+        assert len(par["sharded"]) == 2 * 7 + 1          # 7 Linears a layer, and lm_head
+        assert 0 < par["bytes_read"] <= bound, (par["bytes_read"], bound, file_bytes)
+        print(f"TP {world} ranks {fmt}: rank {r['rank']} read {par['bytes_read']} of {file_bytes} bytes "
+              f"(bound {bound:.0f}), peak RSS {par['peak_rss'] / 2**20:.0f} MiB, load {r['load_s']:.2f} s, "
+              f"logits max diff {diff:.2e}")
+
+
+def test_bad_requests_fail_on_every_rank_before_reading(dense, tmp_path):
+    results = run_ranks(dense, 3, "bad", tmp_path)   # 3 ranks do not divide 4 attention heads
+    for r in results:
+        e_heads, e_missing, e_style = r["errors"]
+        assert e_heads["type"] == "PlacementError" and "num_attention_heads=4" in e_heads["error"]
+        assert e_missing["type"] == "ConfigError" and "matches no module" in e_missing["error"]
+        assert e_style["type"] == "ConfigError" and "unknown style 'diagonal'" in e_style["error"]
+        assert all(e["tensors_read"] == 0 for e in r["errors"])

@@ -1,0 +1,72 @@
+"""One rank of a tensor-parallel test (tests/test_tp.py starts N of these on 127.0.0.1 with gloo).
+
+    python tp_worker.py CKPT WORLD RANK PORT OUT.json MODE
+MODE "load": load with tp_plan="auto", record logits, greedy tokens, bytes read; rank 0 also loads the
+same checkpoint in one process and records its logits and tokens. MODE "bad": a sequence of bad
+requests, each of which must raise a QuantloadError on this rank (recorded), with no hang.
+"""
+import datetime
+import json
+import sys
+import time
+
+import torch
+import torch.distributed as dist
+
+import quantload
+
+ckpt, world, rank, port, out, mode = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), sys.argv[4], sys.argv[5], \
+    sys.argv[6]
+torch.set_num_threads(1)
+dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
+                        timeout=datetime.timedelta(seconds=40))
+from quantload.sources.safetensors import SafetensorsSource  # noqa: E402
+
+gets = {"n": 0}
+_get = SafetensorsSource.get
+
+
+def counting_get(self, key):
+    gets["n"] += 1
+    return _get(self, key)
+
+
+SafetensorsSource.get = counting_get   # how many tensors a request touched (a bad one: none)
+ids = torch.tensor([[3, 17, 42, 99, 5, 250, 7, 64]])
+result = {"rank": rank}
+try:
+    if mode == "load":
+        t = time.perf_counter()
+        model = quantload.load(ckpt, tp_plan="auto", dtype=torch.float32, exact=True, progress=False)
+        result["load_s"] = time.perf_counter() - t
+        with torch.no_grad():
+            logits = model(ids).logits
+            tokens = model.generate(ids, max_new_tokens=6, do_sample=False)
+        result["logits"] = logits.flatten().tolist()
+        result["tokens"] = tokens.flatten().tolist()
+        result["parallel"] = {k: v for k, v in model.load_report.parallel.items()}
+        result["sharded_kinds"] = sorted({type(model.get_submodule(n)).__name__
+                                          for n in model.load_report.parallel["sharded"]})
+        dist.barrier()
+        if rank == 0:
+            ref = quantload.load(ckpt, dtype=torch.float32, exact=True, progress=False)
+            with torch.no_grad():
+                result["ref_logits"] = ref(ids).logits.flatten().tolist()
+                result["ref_tokens"] = ref.generate(ids, max_new_tokens=6, do_sample=False).flatten().tolist()
+    else:
+        errors = []
+        for plan in ("auto", {"model.layers.*.self_attn.nonexistent": "colwise"},
+                     {"model.layers.*.mlp.up_proj": "diagonal"}):
+            t = time.perf_counter()
+            try:
+                gets["n"] = 0
+                quantload.load(ckpt, tp_plan=plan, dtype=torch.float32, progress=False)
+                errors.append({"plan": str(plan), "error": None})
+            except quantload.QuantloadError as e:
+                errors.append({"plan": str(plan), "type": type(e).__name__, "error": str(e),
+                               "s": time.perf_counter() - t, "tensors_read": gets["n"]})
+        result["errors"] = errors
+finally:
+    with open(out, "w") as f:
+        json.dump(result, f)
+    dist.destroy_process_group()
