@@ -21,11 +21,11 @@ SRC = str(pathlib.Path(quantload.__file__).resolve().parents[1])
 STATS = ("scales", "qzeros", "g_idx", "absmax", "quant_map", "quant_state", "nested")
 
 
-def tiny_llama(path, kv_heads=2):
+def tiny_llama(path, kv_heads=2, heads=4, hidden=128):
     from transformers import LlamaConfig, LlamaForCausalLM
     torch.manual_seed(0)
-    cfg = LlamaConfig(vocab_size=256, hidden_size=128, intermediate_size=256, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=kv_heads, max_position_embeddings=64,
+    cfg = LlamaConfig(vocab_size=256, hidden_size=hidden, intermediate_size=256, num_hidden_layers=2,
+                      num_attention_heads=heads, num_key_value_heads=kv_heads, max_position_embeddings=64,
                       tie_word_embeddings=False)
     model = LlamaForCausalLM(cfg).eval()
     model.save_pretrained(path)
@@ -135,34 +135,41 @@ def dense(tmp_path_factory):
     return tiny_llama(tmp_path_factory.mktemp("tp") / "dense")
 
 
-@pytest.mark.parametrize("fmt,world", [("dense", 2), ("nf4-dq", 2), ("gptq-actorder", 2), ("awq", 2), ("awq", 4)])
-def test_tp_logits_equal_one_process(fmt, world, dense, tmp_path):
+BUILD = {"dense": lambda base, d: base, "nf4-dq": lambda base, d: nf4_checkpoint(base, d / "nf4"),
+         "gptq-actorder": lambda base, d: gptq_checkpoint(base, d / "gptq"),
+         "awq": lambda base, d: awq_checkpoint(base, d / "awq")}
+
+
+@pytest.mark.parametrize("world,formats", [(2, ("dense", "nf4-dq", "gptq-actorder", "awq")),
+                                           (4, ("gptq-actorder",))])
+def test_tp_logits_equal_one_process(world, formats, dense, tmp_path):
     base = dense if world == 2 else tiny_llama(tmp_path / "dense4", kv_heads=4)
-    ckpt = {"dense": lambda: base, "nf4-dq": lambda: nf4_checkpoint(base, tmp_path / "nf4"),
-            "gptq-actorder": lambda: gptq_checkpoint(base, tmp_path / "gptq"),
-            "awq": lambda: awq_checkpoint(base, tmp_path / "awq")}[fmt]()
-    results = run_ranks(ckpt, world, "load", tmp_path)
-    ref = torch.tensor(results[0]["ref_logits"])
-    bound, file_bytes = split_share(ckpt, world)
-    for r in results:
-        logits = torch.tensor(r["logits"])
-        diff = (logits - ref).abs().max().item()
-        assert diff <= 1e-4 * max(1.0, ref.abs().max().item()), (fmt, r["rank"], diff)
-        assert r["tokens"] == results[0]["ref_tokens"]
-        par = r["parallel"]
-        assert par["world"] == world and par["file_bytes"] == file_bytes
-        assert len(par["sharded"]) == 2 * 7 + 1          # 7 Linears a layer, and lm_head
-        assert 0 < par["bytes_read"] <= bound, (par["bytes_read"], bound, file_bytes)
-        print(f"TP {world} ranks {fmt}: rank {r['rank']} read {par['bytes_read']} of {file_bytes} bytes "
-              f"(bound {bound:.0f}), peak RSS {par['peak_rss'] / 2**20:.0f} MiB, load {r['load_s']:.2f} s, "
-              f"logits max diff {diff:.2e}")
+    ckpts = [BUILD[f](base, tmp_path) for f in formats]
+    results = run_ranks(",".join(map(str, ckpts)), world, "load", tmp_path)
+    for fmt, ckpt in zip(formats, ckpts):
+        ref = torch.tensor(results[0][str(ckpt)]["ref_logits"])
+        bound, file_bytes = split_share(ckpt, world)
+        for rank, res in enumerate(results):
+            r = res[str(ckpt)]
+            diff = (torch.tensor(r["logits"]) - ref).abs().max().item()
+            assert diff <= 1e-4 * max(1.0, ref.abs().max().item()), (fmt, rank, diff)
+            assert r["tokens"] == results[0][str(ckpt)]["ref_tokens"]
+            par = r["parallel"]
+            assert par["world"] == world and par["rank"] == rank and par["file_bytes"] == file_bytes
+            assert len(par["sharded"]) == 2 * 7 + 1          # 7 Linears a layer, and lm_head
+            assert 0 < par["bytes_read"] <= bound, (fmt, par["bytes_read"], bound, file_bytes)
+            print(f"TP {world} ranks {fmt}: rank {rank} read {par['bytes_read']} of {file_bytes} bytes "
+                  f"(bound {bound:.0f}), peak RSS {par['peak_rss'] / 2**20:.0f} MiB (load +{par['peak_above_start'] / 2**20:.1f}), load {r['load_s']:.2f} s, "
+                  f"logits max diff {diff:.2e}")
 
 
-def test_bad_requests_fail_on_every_rank_before_reading(dense, tmp_path):
-    results = run_ranks(dense, 3, "bad", tmp_path)   # 3 ranks do not divide 4 attention heads
+def test_bad_requests_fail_on_every_rank_before_reading(tmp_path):
+    ckpt = tiny_llama(tmp_path / "kv3", kv_heads=3, heads=6, hidden=96)
+    results = run_ranks(ckpt, 2, "bad", tmp_path)   # 2 ranks do not divide 3 key-value heads
+    assert len(results) == 2
     for r in results:
         e_heads, e_missing, e_style = r["errors"]
-        assert e_heads["type"] == "PlacementError" and "num_attention_heads=4" in e_heads["error"]
+        assert e_heads["type"] == "PlacementError" and "num_key_value_heads=3" in e_heads["error"]
         assert e_missing["type"] == "ConfigError" and "matches no module" in e_missing["error"]
         assert e_style["type"] == "ConfigError" and "unknown style 'diagonal'" in e_style["error"]
         assert all(e["tensors_read"] == 0 for e in r["errors"])

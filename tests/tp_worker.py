@@ -1,8 +1,9 @@
 """One rank of a tensor-parallel test (tests/test_tp.py starts N of these on 127.0.0.1 with gloo).
 
-    python tp_worker.py CKPT WORLD RANK PORT OUT.json MODE
-MODE "load": load with tp_plan="auto", record logits, greedy tokens, bytes read; rank 0 also loads the
-same checkpoint in one process and records its logits and tokens. MODE "bad": a sequence of bad
+    python tp_worker.py CKPT[,CKPT...] WORLD RANK PORT OUT.json MODE
+MODE "load": load each checkpoint with tp_plan="auto", record logits, greedy tokens, bytes read; rank 0
+also loads it in one process and records its logits and tokens (several checkpoints a run: the
+interpreter and transformers start once). MODE "bad": a sequence of bad
 requests, each of which must raise a QuantloadError on this rank (recorded), with no hang.
 """
 import datetime
@@ -14,6 +15,7 @@ import torch
 import torch.distributed as dist
 
 import quantload
+from transformers import LlamaForCausalLM  # noqa: F401  (imported before the timed loads: ~5-15 s here)
 
 ckpt, world, rank, port, out, mode = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), sys.argv[4], sys.argv[5], \
     sys.argv[6]
@@ -36,23 +38,24 @@ ids = torch.tensor([[3, 17, 42, 99, 5, 250, 7, 64]])
 result = {"rank": rank}
 try:
     if mode == "load":
-        t = time.perf_counter()
-        model = quantload.load(ckpt, tp_plan="auto", dtype=torch.float32, exact=True, progress=False)
-        result["load_s"] = time.perf_counter() - t
-        with torch.no_grad():
-            logits = model(ids).logits
-            tokens = model.generate(ids, max_new_tokens=6, do_sample=False)
-        result["logits"] = logits.flatten().tolist()
-        result["tokens"] = tokens.flatten().tolist()
-        result["parallel"] = {k: v for k, v in model.load_report.parallel.items()}
-        result["sharded_kinds"] = sorted({type(model.get_submodule(n)).__name__
-                                          for n in model.load_report.parallel["sharded"]})
-        dist.barrier()
-        if rank == 0:
-            ref = quantload.load(ckpt, dtype=torch.float32, exact=True, progress=False)
+        for path in ckpt.split(","):
+            result[path] = r = {}
+            t = time.perf_counter()
+            model = quantload.load(path, tp_plan="auto", dtype=torch.float32, exact=True, progress=False)
+            r["load_s"] = time.perf_counter() - t
             with torch.no_grad():
-                result["ref_logits"] = ref(ids).logits.flatten().tolist()
-                result["ref_tokens"] = ref.generate(ids, max_new_tokens=6, do_sample=False).flatten().tolist()
+                logits = model(ids).logits
+                tokens = model.generate(ids, max_new_tokens=6, do_sample=False)
+            r["logits"] = logits.flatten().tolist()
+            r["tokens"] = tokens.flatten().tolist()
+            r["parallel"] = dict(model.load_report.parallel)
+            del model
+            dist.barrier()
+            if rank == 0:
+                ref = quantload.load(path, dtype=torch.float32, exact=True, progress=False)
+                with torch.no_grad():
+                    r["ref_logits"] = ref(ids).logits.flatten().tolist()
+                    r["ref_tokens"] = ref.generate(ids, max_new_tokens=6, do_sample=False).flatten().tolist()
     else:
         errors = []
         for plan in ("auto", {"model.layers.*.self_attn.nonexistent": "colwise"},

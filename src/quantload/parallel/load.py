@@ -246,6 +246,7 @@ def _load(path, tp_plan, group, rank, world, dtype, strict, exact, checkpoint_sp
     io1 = io_read_bytes()
     report.parallel = {"rank": rank, "world": world, "bytes_read": report.bytes_read, "file_bytes": file_bytes,
                        "io_read_bytes": None if io0 is None or io1 is None else io1 - io0,
+                       "peak_above_start": report.peak_above_start,
                        "peak_rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
                        "seconds": report.seconds["total"], "sharded": dict(shards)}
     model.load_report = report
