@@ -18,7 +18,8 @@ from test_gptq import autogptq_pack
 
 HERE = pathlib.Path(__file__).parent
 SRC = str(pathlib.Path(quantload.__file__).resolve().parents[1])
-STATS = ("scales", "qzeros", "g_idx", "absmax", "quant_map", "quant_state", "nested")
+STATS = ("scales", "qzeros", "g_idx", "absmax", "quant_map", "quant_state", "nested", "weight_scale",
+         "weight_zero_point", "weight_shape")
 
 
 def tiny_llama(path, kv_heads=2, heads=4, hidden=128):
@@ -86,6 +87,13 @@ def nf4_checkpoint(dense, out):
     return out
 
 
+def ct_checkpoint(dense, out):
+    from quantload.schemes.affine import ct_config
+    model = quantload.load(dense, quantize=ct_config(4, group_size=32, symmetric=False), progress=False)
+    quantload.save(model, out, tokenizer=None)
+    return out
+
+
 def _port():
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -114,19 +122,19 @@ def run_ranks(ckpt, world, mode, tmp_path, timeout=90):
 
 
 def split_share(ckpt, world):
-    """(bound on one rank's bytes, file bytes): split layers' main pieces / N, plus everything else whole."""
-    from safetensors import safe_open
-    split, other = 0, 0
-    with safe_open(ckpt / "model.safetensors", "pt") as f:
-        for k in f.keys():
-            t = f.get_slice(k)
-            n = t.get_dtype()
-            size = torch.Size(t.get_shape()).numel() * {"F32": 4, "F16": 2, "BF16": 2, "I32": 4, "U8": 1}[n]
-            if any(p in k for p in ("_proj.", "lm_head")) and not any(s in k.rpartition(".weight")[2] + k.split(
-                    "_proj.")[-1] for s in STATS):
-                split += size
-            else:
-                other += size
+    """(bound on one rank's bytes, file bytes): the split layers' main pieces / N, plus everything else
+    (embeddings, norms, and the split layers' scales / zero-points / statistics, which a rank may keep
+    whole) once."""
+    from quantload.sources import open_source
+    split = other = 0
+    with open_source(str(ckpt)) as src:
+        for k in src.keys():
+            layer, _, suffix = k.rpartition("_proj.") if "_proj." in k else k.rpartition("lm_head.")
+            if layer or _:
+                if not any(s in suffix for s in STATS):
+                    split += src.info(k).nbytes
+                    continue
+            other += src.info(k).nbytes
     return split / world + other, split + other
 
 
@@ -137,10 +145,11 @@ def dense(tmp_path_factory):
 
 BUILD = {"dense": lambda base, d: base, "nf4-dq": lambda base, d: nf4_checkpoint(base, d / "nf4"),
          "gptq-actorder": lambda base, d: gptq_checkpoint(base, d / "gptq"),
-         "awq": lambda base, d: awq_checkpoint(base, d / "awq")}
+         "awq": lambda base, d: awq_checkpoint(base, d / "awq"),
+         "ct-int4-asym": lambda base, d: ct_checkpoint(base, d / "ct")}
 
 
-@pytest.mark.parametrize("world,formats", [(2, ("dense", "nf4-dq", "gptq-actorder", "awq")),
+@pytest.mark.parametrize("world,formats", [(2, ("dense", "nf4-dq", "gptq-actorder", "awq", "ct-int4-asym")),
                                            (4, ("gptq-actorder",))])
 def test_tp_logits_equal_one_process(world, formats, dense, tmp_path):
     base = dense if world == 2 else tiny_llama(tmp_path / "dense4", kv_heads=4)

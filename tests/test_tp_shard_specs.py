@@ -66,6 +66,18 @@ def test_bnb4(style, shape, dq):
         assert read <= size + 2 * 1024
 
 
+@pytest.mark.parametrize("style", ["colwise", "rowwise"])
+@pytest.mark.parametrize("bits,group,sym", [(4, 32, True), (4, 32, False), (8, None, False), (2, 64, True)])
+def test_compressed_pack_quantized(style, bits, group, sym):
+    from quantload.schemes.affine import ct_config
+    from quantload.schemes.registry import spec_from_dict
+    spec = spec_from_dict(ct_config(bits, group_size=group, symmetric=sym))
+    scheme = spec.scheme_for("layer", torch.nn.Linear(128, 64))
+    w = torch.randn(64, 128, generator=torch.Generator().manual_seed(bits)).to(torch.bfloat16)
+    pieces = scheme.encode(scheme.quantize(w))
+    check_all_ranks(scheme, pieces, (64, 128), 2, style)
+
+
 def test_dense_and_refusals():
     check_dense("a", (64, 128), Split("colwise", 0, 4))
     with pytest.raises(PlacementError, match="a: colwise over 3 ranks"):

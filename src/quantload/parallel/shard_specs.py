@@ -23,6 +23,7 @@ from ..errors import PlacementError
 from ..schemes.awq import AWQScheme
 from ..schemes.bnb4 import (NESTED_BLOCKSIZE, QS_PREFIX, QS_TYPE_PREFIX, Bnb4Scheme, dequantize_nested_absmax,
                             dynamic_map)
+from ..schemes.compressed import CTPackedScheme
 from ..schemes.gptq import GPTQScheme
 
 STYLES = ("colwise", "rowwise")
@@ -282,7 +283,63 @@ class Bnb4Shard(ShardSpec):
 
 assert NESTED_BLOCKSIZE == 256
 
-SPECS: dict[type, ShardSpec] = {GPTQScheme: GPTQShard(), AWQScheme: AWQShard(), Bnb4Scheme: Bnb4Shard()}
+
+# --- compressed-tensors pack-quantized: weight_packed [O, I*b/32] along the inputs; weight_scale per tensor
+# [1], channel [O, 1] or group [O, G]; asymmetric zero-points packed along the OUTPUTS [O*b/32, G] ---------
+class CTPackedShard(ShardSpec):
+    def check(self, scheme: CTPackedScheme, name, shape, split):
+        out, inp = shape
+        a, b = scheme.args, scheme.bits
+        word = 32 // math.gcd(32, b)
+        if 32 % b:
+            raise PlacementError(f"{name}: {b}-bit pack-quantized words have no shard spec (2, 4 or 8 bits)")
+        if a.strategy == "block":
+            raise PlacementError(f"{name}: pack-quantized with block scales has no shard spec")
+        if split.style == "colwise":
+            _need(name, split, "out_features", out, 1 if a.symmetric else word,
+                  f"zero-points pack {word} outputs per word")
+            return
+        if a.actorder is not None and a.actorder != "weight":
+            raise PlacementError(f"{name}: rowwise split of a pack-quantized layer with actorder={a.actorder!r} "
+                                 "(weight_g_idx) has no shard spec; leave it out of tp_plan")
+        _need(name, split, "in_features", inp, word, f"codes pack {word} inputs per int32 word")
+        if a.strategy == "group":
+            _need(name, split, "in_features", inp, a.group_size, f"whole quantization groups of {a.group_size}")
+
+    def shard(self, scheme: CTPackedScheme, reader, shape, split, name):
+        out, inp = shape
+        b, st = scheme.bits, scheme.args.strategy
+        local = split.local_shape(shape)
+        if split.style == "colwise":
+            o0, o1 = split.bounds(out)
+            pieces = {"weight_packed": reader.take("weight_packed", lambda t: t[o0:o1])}
+            by_scale = (lambda t: t) if st == "tensor" else (lambda t: t[o0:o1])
+            packed_zp = lambda t: t[o0 * b // 32:o1 * b // 32]  # noqa: E731
+        else:
+            c0, c1 = split.bounds(inp)
+            pieces = {"weight_packed": reader.take("weight_packed", lambda t: t[:, c0 * b // 32:c1 * b // 32])}
+            if st == "group":
+                g0, g1 = c0 // scheme.args.group_size, c1 // scheme.args.group_size
+                by_scale = lambda t: t[:, g0:g1]  # noqa: E731
+            else:   # tensor / channel: one scale a row, whole on every rank
+                by_scale = lambda t: t  # noqa: E731
+            packed_zp = by_scale
+        scale = reader.take("weight_scale", by_scale)
+        pieces["weight_scale"] = scale
+        if "weight_zero_point" in reader.have:
+            view = reader._get("weight_zero_point")
+            is_packed = view.dtype == torch.int32 and view.ndim == 2 and st in ("group", "channel") \
+                and tuple(view.shape) != (out, scale.shape[1] if scale.ndim == 2 else 1)
+            pieces["weight_zero_point"] = reader.take("weight_zero_point", packed_zp if is_packed else
+                                                      (by_scale if view.numel() > 1 else None))
+        if "weight_g_idx" in reader.have:      # colwise only (check refuses rowwise act-order)
+            pieces["weight_g_idx"] = reader.take("weight_g_idx")
+        wshape = reader.take("weight_shape")
+        pieces["weight_shape"] = torch.tensor(local, dtype=wshape.dtype)
+        return pieces
+
+SPECS: dict[type, ShardSpec] = {GPTQScheme: GPTQShard(), AWQScheme: AWQShard(), Bnb4Scheme: Bnb4Shard(),
+                                CTPackedScheme: CTPackedShard()}
 
 
 def spec_for(scheme, name: str) -> ShardSpec:
