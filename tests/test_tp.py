@@ -4,6 +4,7 @@ equal one process's, and each rank reads at most 1/N of the split layers plus th
 import json
 import os
 import pathlib
+import re
 import socket
 import subprocess
 import sys
@@ -16,6 +17,7 @@ import quantload
 from test_awq import _i32, pack_gemm
 from test_gptq import autogptq_pack
 
+GGUF_SPLIT = re.compile(r"blk\.\d+\.(attn_q|attn_k|attn_v|attn_output|ffn_gate|ffn_up|ffn_down)\.weight|output\.weight")
 HERE = pathlib.Path(__file__).parent
 SRC = str(pathlib.Path(quantload.__file__).resolve().parents[1])
 STATS = ("scales", "qzeros", "g_idx", "absmax", "quant_map", "quant_state", "nested", "weight_scale",
@@ -94,6 +96,14 @@ def ct_checkpoint(dense, out):
     return out
 
 
+def gguf_checkpoint(dense, out, qtype="q8_0"):
+    from transformers import LlamaForCausalLM
+    from quantload.writers.gguf_writer import save_gguf
+    out.mkdir(parents=True, exist_ok=True)
+    save_gguf(LlamaForCausalLM.from_pretrained(dense), out / f"tiny-{qtype}.gguf", quantize=qtype)
+    return out / f"tiny-{qtype}.gguf"
+
+
 def _port():
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -130,7 +140,7 @@ def split_share(ckpt, world):
     with open_source(str(ckpt)) as src:
         for k in src.keys():
             layer, _, suffix = k.rpartition("_proj.") if "_proj." in k else k.rpartition("lm_head.")
-            if layer or _:
+            if GGUF_SPLIT.fullmatch(k) or layer or _:
                 if not any(s in suffix for s in STATS):
                     split += src.info(k).nbytes
                     continue
@@ -146,10 +156,11 @@ def dense(tmp_path_factory):
 BUILD = {"dense": lambda base, d: base, "nf4-dq": lambda base, d: nf4_checkpoint(base, d / "nf4"),
          "gptq-actorder": lambda base, d: gptq_checkpoint(base, d / "gptq"),
          "awq": lambda base, d: awq_checkpoint(base, d / "awq"),
-         "ct-int4-asym": lambda base, d: ct_checkpoint(base, d / "ct")}
+         "ct-int4-asym": lambda base, d: ct_checkpoint(base, d / "ct"),
+         "gguf-q8_0": lambda base, d: gguf_checkpoint(base, d / "gguf")}
 
 
-@pytest.mark.parametrize("world,formats", [(2, ("dense", "nf4-dq", "gptq-actorder", "awq", "ct-int4-asym")),
+@pytest.mark.parametrize("world,formats", [(2, ("dense", "nf4-dq", "gptq-actorder", "awq", "ct-int4-asym", "gguf-q8_0")),
                                            (4, ("gptq-actorder",))])
 def test_tp_logits_equal_one_process(world, formats, dense, tmp_path):
     base = dense if world == 2 else tiny_llama(tmp_path / "dense4", kv_heads=4)

@@ -93,3 +93,15 @@ def test_dense_and_refusals():
     with pytest.raises(PlacementError, match="no tensor-parallel shard spec"):
         from quantload.schemes.hqq import HQQScheme
         spec_for(HQQScheme.__new__(HQQScheme), "q")
+
+
+def test_gguf_rowwise_needs_whole_blocks_per_row():
+    from types import SimpleNamespace
+    from quantload.ggml_types import GGML_TYPES
+    from quantload.parallel.gguf_tp import check_gguf
+    from quantload.schemes.gguf import gguf_scheme
+    q4_k = gguf_scheme(next(t.id for t in GGML_TYPES.values() if t.name == "Q4_K"))
+    mm = SimpleNamespace(params={})
+    check_gguf(mm, "model.layers.0.mlp.down_proj", q4_k, (128, 512), Split("rowwise", 1, 2))
+    with pytest.raises(PlacementError, match=r"down_proj: rowwise over 2 ranks gives 64 inputs .* Q4_K block size 256"):
+        check_gguf(mm, "model.layers.0.mlp.down_proj", q4_k, (128, 128), Split("rowwise", 0, 2))

@@ -18,7 +18,7 @@ from torch import nn
 from ..checkpoint_weights import CheckpointWeights
 from ..config import parse_dtype
 from ..engine import load_weights
-from ..errors import ConfigError, QuantloadError, UnsupportedError
+from ..errors import ConfigError, QuantloadError
 from ..finalize import finalize, tied_pairs
 from ..prepare import build_skeleton, check_quantized_tensors, named_tensors, read_config_dir, replace_modules
 from ..report import LoadReport, RssWatch
@@ -161,6 +161,22 @@ def load_tp(path, *, tp_plan, device_mesh=None, dtype=None, strict=True, exact=N
     return result
 
 
+def _skeleton(path, source, report, dtype, checkpoint_spec, trust_remote_code):
+    """(meta model, checkpoint QuantSpec or None, dtype) for a safetensors / torch-file checkpoint."""
+    config = read_config_dir(path)
+    config_file = os.path.join(path if os.path.isdir(path) else os.path.dirname(os.path.abspath(path)), "config.json")
+    if config is None:
+        raise ConfigError("tp_plan needs a config.json beside the weights", file=path)
+    spec = checkpoint_spec(path, config)
+    check_quantized_tensors(spec, source.keys(), file=config_file)
+    report.quant_method, report.prequantized = (spec.method if spec else None), spec is not None
+    if dtype is None:
+        cd = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None)
+        dtype = parse_dtype(cd, file=config_file, key="dtype") if isinstance(cd, (str, torch.dtype)) else torch.float32
+    model = build_skeleton(config, dtype, trust_remote_code=trust_remote_code, source=source, file=config_file)
+    return model, spec, dtype
+
+
 def _load(path, tp_plan, group, rank, world, dtype, strict, exact, checkpoint_spec, device, trust_remote_code):
     from ..model_size import attach_size_methods
     watch, io0 = RssWatch(), io_read_bytes()
@@ -171,22 +187,19 @@ def _load(path, tp_plan, group, rank, world, dtype, strict, exact, checkpoint_sp
     report.source_kind = type(source).__name__
     kernels_before = _kernels.begin_load(exact)
     try:
-        if report.source_kind == "GGUFSource":
-            raise UnsupportedError("tp_plan: GGUF files are not sharded yet (safetensors checkpoints are)",
-                                   file=path)
-        config = read_config_dir(path)
-        config_file = os.path.join(path if os.path.isdir(path) else os.path.dirname(os.path.abspath(path)),
-                                   "config.json")
-        if config is None:
-            raise ConfigError("tp_plan needs a config.json beside the weights", file=path)
-        spec = checkpoint_spec(path, config)
-        check_quantized_tensors(spec, source.keys(), file=config_file)
-        report.quant_method, report.prequantized = (spec.method if spec else None), spec is not None
-        if dtype is None:
-            cd = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None)
-            dtype = parse_dtype(cd, file=config_file, key="dtype") if isinstance(cd, (str, torch.dtype)) \
-                else torch.float32
-        model = build_skeleton(config, dtype, trust_remote_code=trust_remote_code, source=source, file=config_file)
+        gguf = report.source_kind == "GGUFSource"
+        if gguf:
+            from ..gguf_load import model_map_of
+            from .gguf_tp import gguf_choose, refuse_experts
+            mm = model_map_of(source)
+            refuse_experts(mm, path)
+            spec, dtype = None, dtype or torch.float32
+            report.quant_method, report.prequantized = "gguf", True
+            model = build_skeleton(mm.config, dtype)
+            if mm.adapt is not None:
+                mm.adapt(model)
+        else:
+            model, spec, dtype = _skeleton(path, source, report, dtype, checkpoint_spec, trust_remote_code)
         shards, notes = resolve(model, tp_plan, world)
         tied = {t.rpartition(".")[0] for pair in tied_pairs(model) for t in pair}
         for name in sorted(set(shards) & tied):   # a head tied to the embeddings is the (replicated) table
@@ -195,17 +208,21 @@ def _load(path, tp_plan, group, rank, world, dtype, strict, exact, checkpoint_sp
         splits = {n: Split("colwise" if k.startswith("colwise") else "rowwise", rank, world)
                   for n, k in shards.items()}
         modules = list(model.named_modules())
-        names = [n for n, _ in named_tensors(modules, "_parameters")] + \
-                [n for n, _ in named_tensors(modules, "_buffers")]
-        weights = ShardedWeights(source, names, getattr(model, "base_model_prefix", None), splits)
+        if gguf:
+            from .gguf_tp import ShardedGGUFWeights
+            weights, choose = ShardedGGUFWeights(source, mm, dtype, splits), gguf_choose(source, mm)
+        else:
+            names = [n for n, _ in named_tensors(modules, "_parameters")] + \
+                    [n for n, _ in named_tensors(modules, "_buffers")]
+            weights = ShardedWeights(source, names, getattr(model, "base_model_prefix", None), splits)
 
-        def choose(name, mod):
-            scheme = spec.scheme_for(name, mod) if spec is not None else None
-            if scheme is None or isinstance(mod, nn.Embedding) and not getattr(scheme, "quantizes_embeddings", 0):
-                return None
-            if not scheme.present(weights.suffixes(name)):
-                return None
-            return scheme
+            def choose(name, mod):
+                scheme = spec.scheme_for(name, mod) if spec is not None else None
+                if scheme is None or isinstance(mod, nn.Embedding) and not getattr(scheme, "quantizes_embeddings", 0):
+                    return None
+                if not scheme.present(weights.suffixes(name)):
+                    return None
+                return scheme
 
         # every check before the first byte is read: same inputs on every rank, so the same verdict
         by_name = dict(modules)
@@ -213,7 +230,10 @@ def _load(path, tp_plan, group, rank, world, dtype, strict, exact, checkpoint_sp
             mod = by_name[name]
             full = (mod.out_features, mod.in_features)
             scheme = choose(name, mod)
-            if scheme is None:
+            if gguf:
+                from .gguf_tp import check_gguf
+                check_gguf(mm, name, scheme, full, split)
+            elif scheme is None:
                 check_dense(name, full, split)
             else:
                 spec_for(scheme, name).check(scheme, name, full, split)
@@ -225,8 +245,8 @@ def _load(path, tp_plan, group, rank, world, dtype, strict, exact, checkpoint_sp
         report.seconds["prepare"] = time.perf_counter() - t0
         load_weights(model, weights, dtype=dtype, device_of=lambda _: device, report=report)
         report.tensors_read, report.bytes_read = weights.tensors_read, weights.bytes_read
-        finalize(model, spec=spec, report=report, weights=weights, file=path, ignorable_unexpected=_IGNORABLE,
-                 strict=strict)
+        finalize(model, spec=spec, report=report, weights=weights, file=path, strict=strict,
+                 ignorable_unexpected=tuple(mm.consumed) if gguf else _IGNORABLE)
     finally:
         _kernels.end_load(kernels_before)
         file_bytes = source.total_bytes()
