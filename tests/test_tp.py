@@ -35,6 +35,22 @@ def tiny_llama(path, kv_heads=2, heads=4, hidden=128):
     return path
 
 
+def tiny_qwen2(path):
+    """Qwen2: biases on q/k/v (split with the colwise rows)."""
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+    torch.manual_seed(1)
+    cfg = Qwen2Config(vocab_size=256, hidden_size=128, intermediate_size=256, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+                      tie_word_embeddings=False)
+    model = Qwen2ForCausalLM(cfg).eval()
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, torch.nn.Linear) and m.bias is not None:
+                m.bias.normal_()   # transformers initializes biases to zero: give them values to split
+    model.save_pretrained(path)
+    return path
+
+
 def _linears(sd):
     return [k[:-len(".weight")] for k, v in sd.items() if k.endswith("_proj.weight")]
 
@@ -110,9 +126,9 @@ def _port():
         return s.getsockname()[1]
 
 
-def run_ranks(ckpt, world, mode, tmp_path, timeout=90):
+def run_ranks(ckpt, world, mode, tmp_path, timeout=90, plan="auto"):
     port = str(_port())
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([SRC, os.environ.get("PYTHONPATH", "")]),
+    env = {**os.environ, "TP_PLAN": json.dumps(plan), "PYTHONPATH": os.pathsep.join([SRC, os.environ.get("PYTHONPATH", "")]),
            "OMP_NUM_THREADS": "1"}
     outs = [tmp_path / f"{mode}_rank{r}.json" for r in range(world)]
     procs = [subprocess.Popen([sys.executable, str(HERE / "tp_worker.py"), str(ckpt), str(world), str(r), port,
@@ -157,10 +173,13 @@ BUILD = {"dense": lambda base, d: base, "nf4-dq": lambda base, d: nf4_checkpoint
          "gptq-actorder": lambda base, d: gptq_checkpoint(base, d / "gptq"),
          "awq": lambda base, d: awq_checkpoint(base, d / "awq"),
          "ct-int4-asym": lambda base, d: ct_checkpoint(base, d / "ct"),
-         "gguf-q8_0": lambda base, d: gguf_checkpoint(base, d / "gguf")}
+         "gguf-q8_0": lambda base, d: gguf_checkpoint(base, d / "gguf"),
+         "qwen2-gptq-actorder": lambda base, d: gptq_checkpoint(tiny_qwen2(d / "qwen2"), d / "qwen2-gptq"),
+         "qwen2-nf4-dq": lambda base, d: nf4_checkpoint(d / "qwen2", d / "qwen2-nf4")}
 
 
-@pytest.mark.parametrize("world,formats", [(2, ("dense", "nf4-dq", "gptq-actorder", "awq", "ct-int4-asym", "gguf-q8_0")),
+@pytest.mark.parametrize("world,formats", [(2, ("dense", "nf4-dq", "gptq-actorder", "awq", "ct-int4-asym", "gguf-q8_0",
+                                                "qwen2-gptq-actorder", "qwen2-nf4-dq")),
                                            (4, ("gptq-actorder",))])
 def test_tp_logits_equal_one_process(world, formats, dense, tmp_path):
     base = dense if world == 2 else tiny_llama(tmp_path / "dense4", kv_heads=4)
@@ -181,6 +200,21 @@ def test_tp_logits_equal_one_process(world, formats, dense, tmp_path):
             print(f"TP {world} ranks {fmt}: rank {rank} read {par['bytes_read']} of {file_bytes} bytes "
                   f"(bound {bound:.0f}), peak RSS {par['peak_rss'] / 2**20:.0f} MiB (load +{par['peak_above_start'] / 2**20:.1f}), load {r['load_s']:.2f} s, "
                   f"logits max diff {diff:.2e}")
+
+
+def test_user_plan_rowwise_layers_with_bias_and_whole_inputs(tmp_path):
+    """A user's dict: q_proj rowwise (its input arrives whole: cut per rank; its bias added once)."""
+    ckpt = tiny_qwen2(tmp_path / "qwen2")
+    plan = {"model.layers.*.self_attn.q_proj": "rowwise", "model.layers.*.mlp.gate_proj": "colwise",
+            "model.layers.*.mlp.up_proj": "colwise", "model.layers.*.mlp.down_proj": "rowwise"}
+    results = run_ranks(ckpt, 2, "load", tmp_path, plan=plan)
+    ref = torch.tensor(results[0][str(ckpt)]["ref_logits"])
+    for res in results:
+        r = res[str(ckpt)]
+        assert (torch.tensor(r["logits"]) - ref).abs().max().item() <= 1e-4 * max(1.0, ref.abs().max().item())
+        assert r["tokens"] == results[0][str(ckpt)]["ref_tokens"]
+        assert sorted(set(r["parallel"]["sharded"].values())) == ["colwise", "rowwise"]
+        assert len(r["parallel"]["sharded"]) == 8
 
 
 def test_bad_requests_fail_on_every_rank_before_reading(tmp_path):

@@ -8,6 +8,7 @@ requests, each of which must raise a QuantloadError on this rank (recorded), wit
 """
 import datetime
 import json
+import os
 import sys
 import time
 
@@ -41,7 +42,8 @@ try:
         for path in ckpt.split(","):
             result[path] = r = {}
             t = time.perf_counter()
-            model = quantload.load(path, tp_plan="auto", dtype=torch.float32, exact=True, progress=False)
+            plan = json.loads(os.environ.get("TP_PLAN", '"auto"'))
+            model = quantload.load(path, tp_plan=plan, dtype=torch.float32, exact=True, progress=False)
             r["load_s"] = time.perf_counter() - t
             with torch.no_grad():
                 logits = model(ids).logits

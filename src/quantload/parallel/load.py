@@ -121,6 +121,21 @@ class AllReduceOutput:
         return out
 
 
+class SplitInput:
+    """Forward pre-hook of a rowwise layer: an input that arrives whole (not from a colwise layer before
+    it, e.g. transformers' rowwise_split_input) is cut to the rank's input features."""
+
+    def __init__(self, split: Split, in_features: int):
+        self.split, self.full = split, in_features
+        self.start, self.stop = split.bounds(in_features)
+
+    def __call__(self, mod, args):
+        x = args[0]
+        if x.shape[-1] == self.full and self.split.world > 1:
+            return (x[..., self.start:self.stop], *args[1:])
+        return None
+
+
 class GatherOutput:
     """Forward hook of a colwise_gather_output layer (lm_head): every rank gets all outputs, in rank order."""
 
@@ -257,6 +272,7 @@ def _load(path, tp_plan, group, rank, world, dtype, strict, exact, checkpoint_sp
             if mod.bias is not None and rank != 0:
                 with torch.no_grad():
                     mod.bias.zero_()    # the bias is added once, to the sum
+            mod.register_forward_pre_hook(SplitInput(split, mod.tp_full_shape[1]))
             mod.register_forward_hook(AllReduceOutput(group))
         elif shards[name] == "colwise_gather":
             mod.register_forward_hook(GatherOutput(group, world))
