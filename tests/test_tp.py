@@ -220,13 +220,19 @@ def test_user_plan_rowwise_layers_with_bias_and_whole_inputs(tmp_path):
 def test_bad_requests_fail_on_every_rank_before_reading(tmp_path):
     ckpt = tiny_llama(tmp_path / "kv3", kv_heads=3, heads=6, hidden=96)
     results = run_ranks(ckpt, 2, "bad", tmp_path)   # 2 ranks do not divide 3 key-value heads
+    # (and the last request fails on rank 1 only: both ranks raise)
     assert len(results) == 2
     for r in results:
-        e_heads, e_missing, e_style = r["errors"]
+        e_heads, e_missing, e_style, e_one = r["errors"]
         assert e_heads["type"] == "PlacementError" and "num_key_value_heads=3" in e_heads["error"]
         assert e_missing["type"] == "ConfigError" and "matches no module" in e_missing["error"]
         assert e_style["type"] == "ConfigError" and "unknown style 'diagonal'" in e_style["error"]
-        assert all(e["tensors_read"] == 0 for e in r["errors"])
+        assert all(e["tensors_read"] == 0 for e in r["errors"][:3])
+        if r["rank"] == 1:
+            assert e_one["type"] == "FileFormatError" and "injected read failure" in e_one["error"]
+        else:
+            assert e_one["type"] == "QuantloadError" and "failed on rank 1 of 2" in e_one["error"]
+            assert "injected read failure" in e_one["error"]
 
 
 def test_smollm2_three_ranks_same_greedy_tokens(tmp_path):

@@ -31,6 +31,8 @@ _get = SafetensorsSource.get
 
 def counting_get(self, key):
     gets["n"] += 1
+    if gets.get("fail_here"):
+        raise quantload.FileFormatError("injected read failure", file=self.path, key=key)
     return _get(self, key)
 
 
@@ -70,6 +72,14 @@ try:
             except quantload.QuantloadError as e:
                 errors.append({"plan": str(plan), "type": type(e).__name__, "error": str(e),
                                "s": time.perf_counter() - t, "tensors_read": gets["n"]})
+        # a load that fails on rank 1 only (a read error): rank 0 must raise too, not wait in a forward
+        gets["fail_here"] = rank == 1
+        try:
+            quantload.load(ckpt, tp_plan={"model.layers.*.mlp.up_proj": "colwise"}, progress=False)
+            errors.append({"plan": "one rank fails", "error": None})
+        except quantload.QuantloadError as e:
+            errors.append({"plan": "one rank fails", "type": type(e).__name__, "error": str(e)})
+        gets["fail_here"] = False
         result["errors"] = errors
 finally:
     with open(out, "w") as f:
