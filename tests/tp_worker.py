@@ -45,7 +45,8 @@ try:
             result[path] = r = {}
             t = time.perf_counter()
             plan = json.loads(os.environ.get("TP_PLAN", '"auto"'))
-            model = quantload.load(path, tp_plan=plan, dtype=torch.float32, exact=True, progress=False)
+            exact = os.environ.get("TP_EXACT", "1") == "1"
+            model = quantload.load(path, tp_plan=plan, dtype=torch.float32, exact=exact, progress=False)
             r["load_s"] = time.perf_counter() - t
             with torch.no_grad():
                 logits = model(ids).logits
@@ -53,10 +54,11 @@ try:
             r["logits"] = logits.flatten().tolist()
             r["tokens"] = tokens.flatten().tolist()
             r["parallel"] = dict(model.load_report.parallel)
+            r["kernels"] = sorted({str(k.kernel) for k in model.load_report.kernels.values()})
             del model
             dist.barrier()
             if rank == 0:
-                ref = quantload.load(path, dtype=torch.float32, exact=True, progress=False)
+                ref = quantload.load(path, dtype=torch.float32, exact=exact, progress=False)
                 with torch.no_grad():
                     r["ref_logits"] = ref(ids).logits.flatten().tolist()
                     r["ref_tokens"] = ref.generate(ids, max_new_tokens=6, do_sample=False).flatten().tolist()
