@@ -20,7 +20,7 @@ from test_gptq import autogptq_pack
 GGUF_SPLIT = re.compile(r"blk\.\d+\.(attn_q|attn_k|attn_v|attn_output|ffn_gate|ffn_up|ffn_down)\.weight|output\.weight")
 HERE = pathlib.Path(__file__).parent
 SRC = str(pathlib.Path(quantload.__file__).resolve().parents[1])
-STATS = ("scales", "qzeros", "g_idx", "absmax", "quant_map", "quant_state", "nested", "weight_scale",
+STATS = ("weight_scale_inv", "scales", "qzeros", "g_idx", "absmax", "quant_map", "quant_state", "nested", "weight_scale",
          "weight_zero_point", "weight_shape")
 
 
@@ -130,6 +130,12 @@ def gguf_checkpoint(dense, out, qtype="q8_0"):
     return out / f"tiny-{qtype}.gguf"
 
 
+def fp8_checkpoint(dense, out):
+    model = quantload.load(dense, quantize={"quant_method": "fp8", "weight_block_size": [32, 32]}, progress=False)
+    quantload.save(model, out, tokenizer=None)
+    return out
+
+
 def _port():
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -186,11 +192,12 @@ BUILD = {"dense": lambda base, d: base, "nf4-dq": lambda base, d: nf4_checkpoint
          "gguf-q8_0": lambda base, d: gguf_checkpoint(base, d / "gguf"),
          "qwen2-gptq-actorder": lambda base, d: gptq_checkpoint(tiny_qwen2(d / "qwen2"), d / "qwen2-gptq"),
          "qwen2-nf4-dq": lambda base, d: nf4_checkpoint(d / "qwen2", d / "qwen2-nf4"),
+         "fp8-block32": lambda base, d: fp8_checkpoint(base, d / "fp8"),
          "gemma3-nf4-dq": lambda base, d: nf4_checkpoint(tiny_gemma3(d / "gemma3"), d / "gemma3-nf4")}
 
 
 @pytest.mark.parametrize("world,formats", [(2, ("dense", "nf4-dq", "gptq-actorder", "awq", "ct-int4-asym", "gguf-q8_0",
-                                                "qwen2-gptq-actorder", "qwen2-nf4-dq", "gemma3-nf4-dq")),
+                                                "qwen2-gptq-actorder", "qwen2-nf4-dq", "gemma3-nf4-dq", "fp8-block32")),
                                            (4, ("gptq-actorder",))])
 def test_tp_logits_equal_one_process(world, formats, dense, tmp_path):
     base = dense if world == 2 else tiny_llama(tmp_path / "dense4", kv_heads=4)

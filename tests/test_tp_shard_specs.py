@@ -78,6 +78,27 @@ def test_compressed_pack_quantized(style, bits, group, sym):
     check_all_ranks(scheme, pieces, (64, 128), 2, style)
 
 
+@pytest.mark.parametrize("style", ["colwise", "rowwise"])
+@pytest.mark.parametrize("block,fmt,shape", [((128, 128), "float", (512, 256)), ((128, 128), "ue8m0", (512, 256)),
+                                             (None, "float", (64, 128)), ((128, 128), "float", (320, 256))])
+def test_fp8_block(style, block, fmt, shape):
+    from quantload.schemes.fp8_block import FP8BlockScheme
+    scheme = FP8BlockScheme(block, fmt)
+    w = torch.randn(shape, generator=torch.Generator().manual_seed(3)).to(torch.bfloat16)
+    if block is not None and shape[0] % 128:        # the last rank's last row block is partial: pad to quantize, keep the rows
+        qt = scheme.quantize(torch.cat([w, w[: 128 - shape[0] % 128]]))
+        pieces = {"weight": qt.data["weight"][: shape[0]].contiguous(), "weight_scale_inv": qt.data["weight_scale_inv"]}
+        if style == "colwise":
+            with pytest.raises(PlacementError, match="whole 128-row FP8 scale blocks"):
+                spec_for(scheme, "x").check(scheme, "x", shape, Split(style, 0, 2))
+            return
+    elif block is None:       # one scale per tensor (built here: FP8BlockScheme.quantize needs a block)
+        pieces = {"weight": w.to(torch.float8_e4m3fn), "weight_scale_inv": torch.tensor(0.0125)}
+    else:
+        pieces = scheme.encode(scheme.quantize(w))
+    check_all_ranks(scheme, pieces, shape, 2, style)
+
+
 def test_dense_and_refusals():
     check_dense("a", (64, 128), Split("colwise", 0, 4))
     with pytest.raises(PlacementError, match="a: colwise over 3 ranks"):

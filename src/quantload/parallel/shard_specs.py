@@ -24,6 +24,7 @@ from ..schemes.awq import AWQScheme
 from ..schemes.bnb4 import (NESTED_BLOCKSIZE, QS_PREFIX, QS_TYPE_PREFIX, Bnb4Scheme, dequantize_nested_absmax,
                             dynamic_map)
 from ..schemes.compressed import CTPackedScheme
+from ..schemes.fp8_block import FP8BlockScheme
 from ..schemes.gptq import GPTQScheme
 
 STYLES = ("colwise", "rowwise")
@@ -338,8 +339,37 @@ class CTPackedShard(ShardSpec):
         pieces["weight_shape"] = torch.tensor(local, dtype=wshape.dtype)
         return pieces
 
+# --- fine-grained FP8: weight float8 [O, I], weight_scale_inv one per [bh, bw] block (or one per tensor) ----
+class FP8BlockShard(ShardSpec):
+    def check(self, scheme: FP8BlockScheme, name, shape, split):
+        out, inp = shape
+        bh, bw = scheme.block or (1, 1)
+        if split.style == "colwise":
+            _need(name, split, "out_features", out, bh, f"whole {bh}-row FP8 scale blocks")
+        else:
+            _need(name, split, "in_features", inp, bw, f"whole {bw}-column FP8 scale blocks")
+
+    def shard(self, scheme: FP8BlockScheme, reader, shape, split, name):
+        out, inp = shape
+        if split.style == "colwise":
+            a, b = split.bounds(out)
+            bh = scheme.block[0] if scheme.block else None
+            pieces = {"weight": reader.take("weight", lambda t: t[a:b])}
+            pieces["weight_scale_inv"] = reader.take("weight_scale_inv", None if bh is None else
+                                                     (lambda t: t[a // bh:-(-b // bh)]))
+        else:
+            a, b = split.bounds(inp)
+            bw = scheme.block[1] if scheme.block else None
+            pieces = {"weight": reader.take("weight", lambda t: t[:, a:b])}
+            pieces["weight_scale_inv"] = reader.take("weight_scale_inv", None if bw is None else
+                                                     (lambda t: t[:, a // bw:-(-b // bw)]))
+        if "activation_scale" in reader.have:
+            pieces["activation_scale"] = reader.take("activation_scale")
+        return pieces
+
+
 SPECS: dict[type, ShardSpec] = {GPTQScheme: GPTQShard(), AWQScheme: AWQShard(), Bnb4Scheme: Bnb4Shard(),
-                                CTPackedScheme: CTPackedShard()}
+                                CTPackedScheme: CTPackedShard(), FP8BlockScheme: FP8BlockShard()}
 
 
 def spec_for(scheme, name: str) -> ShardSpec:
