@@ -5,7 +5,6 @@ import json
 import os
 import pathlib
 import re
-import socket
 import subprocess
 import sys
 
@@ -136,14 +135,8 @@ def fp8_checkpoint(dense, out):
     return out
 
 
-def _port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def run_ranks(ckpt, world, mode, tmp_path, timeout=90, plan="auto", exact=True):
-    port = str(_port())
+def run_ranks(ckpt, world, mode, tmp_path, timeout=240, plan="auto", exact=True):
+    port = str(tmp_path / f"store-{mode}-{world}")   # the file:// rendezvous of this run
     env = {**os.environ, "TP_PLAN": json.dumps(plan), "TP_EXACT": "1" if exact else "0", "PYTHONPATH": os.pathsep.join([SRC, os.environ.get("PYTHONPATH", "")]),
            "OMP_NUM_THREADS": "1"}
     outs = [tmp_path / f"{mode}_rank{r}.json" for r in range(world)]

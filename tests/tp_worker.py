@@ -1,6 +1,6 @@
 """One rank of a tensor-parallel test (tests/test_tp.py starts N of these on 127.0.0.1 with gloo).
 
-    python tp_worker.py CKPT[,CKPT...] WORLD RANK PORT OUT.json MODE
+    python tp_worker.py CKPT[,CKPT...] WORLD RANK STORE_FILE OUT.json MODE
 MODE "load": load each checkpoint with tp_plan="auto", record logits, greedy tokens, bytes read; rank 0
 also loads it in one process and records its logits and tokens (several checkpoints a run: the
 interpreter and transformers start once). MODE "bad": a sequence of bad
@@ -21,8 +21,11 @@ from transformers import LlamaForCausalLM  # noqa: F401  (imported before the ti
 ckpt, world, rank, port, out, mode = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), sys.argv[4], sys.argv[5], \
     sys.argv[6]
 torch.set_num_threads(1)
-dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
-                        timeout=datetime.timedelta(seconds=40))
+# PORT is a rendezvous file (file:// store: no free-port race with the machine's other processes); gloo
+# itself connects over 127.0.0.1. The timeout bounds every collective (a busy 2-core machine: generous).
+os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
+dist.init_process_group("gloo", init_method=f"file://{port}", rank=rank, world_size=world,
+                        timeout=datetime.timedelta(seconds=120))
 from quantload.sources.safetensors import SafetensorsSource  # noqa: E402
 
 gets = {"n": 0}
