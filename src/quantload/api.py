@@ -61,7 +61,8 @@ def load(path, *, quantize=None, dtype=None, device_map="cpu", max_memory=None, 
          trust_remote_code: bool = False, dequantize: bool = False, model: nn.Module | None = None,
          progress: bool = True, strict: bool = True, quantization_config=None, torch_dtype=None,
          low_cpu_mem_usage=None, revision: str | None = None, filename: str | None = None,
-         headroom=None, exact: bool | None = None, quantize_lm_head: bool = False) -> nn.Module:
+         headroom=None, exact: bool | None = None, quantize_lm_head: bool = False,
+         tp_plan=None, device_mesh=None) -> nn.Module:
     """Load a checkpoint (directory, safetensors, .bin/.pt or .gguf) into a ready model.
 
     quantize: None (keep what the checkpoint has), a short name ("nf4", "fp4", "int8", "int4", ...),
@@ -80,7 +81,17 @@ def load(path, *, quantize=None, dtype=None, device_map="cpu", max_memory=None, 
     (docs/kernels.md). model.load_report.kernels says which kernel each weight got.
     quantize_lm_head: when quantizing a float checkpoint, quantize an untied lm_head too (left dense by
     default, as transformers does; a head tied to the embeddings stays as it is).
+    tp_plan: "auto" (the architecture's base_model_tp_plan) or {module pattern: "colwise"|"rowwise"|...}:
+    under torch.distributed, each rank loads only its shard of the split Linears (docs/parallel.md);
+    device_mesh: a 1-d DeviceMesh whose group to split over (default: the whole world).
     """
+    if tp_plan is not None:  # tensor-parallel: each torch.distributed rank loads its shard (docs/parallel.md)
+        from .parallel.load import load_tp
+        quantize, dtype, _ = transformers_args(quantize, dtype, quantization_config, torch_dtype, None)
+        return load_tp(resolve_path(path, revision=revision, filename=filename), tp_plan=tp_plan,
+                       device_mesh=device_mesh, dtype=dtype, strict=strict, exact=exact, quantize=quantize,
+                       checkpoint_spec=checkpoint_spec, model=model, device_map=device_map,
+                       trust_remote_code=trust_remote_code, dequantize=dequantize)
     from .model_size import attach_size_methods
     from .report import LoadProgress, RssWatch
     watch = RssWatch()
