@@ -314,3 +314,19 @@ def test_modules_to_not_convert_follow_transformers_rule():
                      "model.layers.11.mlp.up_proj", "model.layers.2.self_attn.o_proj", "lm_head"):
             lin = torch.nn.Linear(128, 128)
             assert (spec.scheme_for(name, lin) is not None) == should_convert_module(name, patterns), (method, name)
+
+
+def test_per_tensor_quantize_round_trips():
+    """weight_block_size null: one scale for the whole weight (1 / (448 / amax), transformers'
+    op order), 0-d as per-tensor FP8
+    checkpoints store it; decoding the written pieces gives back the same values."""
+    w = torch.randn(40, 72, generator=torch.Generator().manual_seed(5))
+    scheme = FP8BlockScheme(None)
+    qt = scheme.quantize(w)
+    pieces = qt.encode()
+    assert pieces["weight"].dtype == torch.float8_e4m3fn and pieces["weight_scale_inv"].shape == ()
+    assert torch.equal(pieces["weight_scale_inv"], 1.0 / (448.0 / w.abs().amax().to(torch.float32)))
+    back = scheme.decode(pieces)
+    assert torch.equal(back.dequantize(torch.float32),
+                       pieces["weight"].to(torch.float32) * pieces["weight_scale_inv"])
+    assert torch.allclose(back.dequantize(torch.float32), w, rtol=0.07, atol=1e-3)

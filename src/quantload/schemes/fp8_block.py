@@ -179,8 +179,8 @@ class FP8BlockScheme(Scheme):
             inv = torch.pow(2.0, torch.ceil(torch.log2(inv.clamp(min=torch.finfo(torch.float32).tiny)))).to(UE8M0)
             scales = 1.0 / inv.to(torch.float32)
         q = torch.clamp(v * scales.unsqueeze(-1).unsqueeze(-3), min=-FP8_MAX, max=FP8_MAX).to(FP8)
-        if self.block is None:
-            inv = inv.reshape(*lead)
+        if self.block is None and not lead:
+            inv = inv.reshape(())   # one scale for the tensor, stored 0-d as per-tensor checkpoints keep it
         return QTensor(self, {"weight": q.reshape(w.shape), "weight_scale_inv": inv}, w.shape, w.dtype)
 
     def nbytes_for(self, shape, dtype) -> int:
