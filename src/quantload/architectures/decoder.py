@@ -185,6 +185,9 @@ class DecoderFamily(Family):
     layer_norms = {"attn_norm": "input_layernorm", "ffn_norm": "post_attention_layernorm"}
     #: Gemma stores RMSNorm weights as `w + 1`; the value added to the file's tensor on load
     norm_offset = 0.0
+    #: the config attribute holding the norm epsilon, and the GGUF key (after `{arch}.`) it is written to
+    eps_attr = "rms_norm_eps"
+    gguf_eps_key = "attention.layer_norm_rms_epsilon"
 
     # --- GGUF -> transformers ------------------------------------------------------------------------
     def config_class(self, meta: Metadata):
@@ -329,7 +332,7 @@ class DecoderFamily(Family):
             f"{arch}.feed_forward_length": u32(config.intermediate_size),
             f"{arch}.attention.head_count": u32(config.num_attention_heads),
             f"{arch}.attention.head_count_kv": u32(kv_heads_of(config)),
-            f"{arch}.attention.layer_norm_rms_epsilon": f32(config.rms_norm_eps),
+            f"{arch}.{self.gguf_eps_key}": f32(getattr(config, self.eps_attr)),
             f"{arch}.attention.key_length": u32(head_dim_of(config)),
             f"{arch}.attention.value_length": u32(head_dim_of(config)),
             f"{arch}.rope.dimension_count": u32(self.rope_dims(config)),

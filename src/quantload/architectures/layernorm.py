@@ -8,9 +8,8 @@ from __future__ import annotations
 from typing import Any
 
 from ..errors import FileFormatError, UnsupportedError
-from .base import Metadata, TensorRule, f32, u32
-from .decoder import (DecoderFamily, head_dim_of, hf_rope, kv_heads_of, rope_scaling_fields, rope_scaling_from,
-                      token_id_kwargs, vocab_size_from)
+from .base import Metadata, TensorRule
+from .decoder import DecoderFamily, head_dim_of, rope_scaling_from, token_id_kwargs, vocab_size_from
 
 
 def decoder_kwargs(meta: Metadata, shapes: dict, eps_attr: str) -> dict[str, Any]:
@@ -43,8 +42,9 @@ def decoder_kwargs(meta: Metadata, shapes: dict, eps_attr: str) -> dict[str, Any
 
 
 class LayerNormDecoderFamily(DecoderFamily):
-    #: the config attribute holding the LayerNorm epsilon
+    #: the config attribute holding the LayerNorm epsilon, written as llama.cpp's LayerNorm key
     eps_attr = "layer_norm_eps"
+    gguf_eps_key = "attention.layer_norm_epsilon"
 
     def norm_rules(self, config):
         rules = super().norm_rules(config)
@@ -59,23 +59,3 @@ class LayerNormDecoderFamily(DecoderFamily):
         if factor is None:
             factor = (getattr(config, "rope_parameters", None) or {}).get("partial_rotary_factor", 1.0)
         return int(head_dim_of(config) * factor)
-
-    def fields_from_config(self, config, arch):
-        rope = hf_rope(config)
-        fields = {
-            "general.architecture": arch,
-            f"{arch}.vocab_size": u32(config.vocab_size),
-            f"{arch}.context_length": u32(config.max_position_embeddings),
-            f"{arch}.embedding_length": u32(config.hidden_size),
-            f"{arch}.block_count": u32(config.num_hidden_layers),
-            f"{arch}.feed_forward_length": u32(config.intermediate_size),
-            f"{arch}.attention.head_count": u32(config.num_attention_heads),
-            f"{arch}.attention.head_count_kv": u32(kv_heads_of(config)),
-            f"{arch}.attention.layer_norm_epsilon": f32(getattr(config, self.eps_attr)),
-            f"{arch}.attention.key_length": u32(head_dim_of(config)),
-            f"{arch}.attention.value_length": u32(head_dim_of(config)),
-            f"{arch}.rope.dimension_count": u32(self.rope_dims(config)),
-            f"{arch}.rope.freq_base": f32(rope.get("rope_theta", 10000.0)),
-        }
-        fields.update(rope_scaling_fields(rope, arch))
-        return fields
