@@ -21,12 +21,11 @@ from torch import nn
 from ..config import QuantSpec
 from ..errors import ShapeMismatchError
 from .base import QTensor, Scheme
-from .checks import expect_dtype, expect_shape, full_key, need
+from .checks import expect_dtype, expect_shape
+from .fp8_block import FP8, FP8_MAX, fp8_matrix
 from .hf_match import hf_skipped
 from .registry import register_method
 
-FP8 = torch.float8_e4m3fn
-FP8_MAX = torch.finfo(FP8).max
 
 
 class FbgemmFP8Scheme(Scheme):
@@ -37,12 +36,7 @@ class FbgemmFP8Scheme(Scheme):
 
     def decode(self, pieces, *, shape=None, file=None, prefix=""):
         kw = dict(file=file, prefix=prefix)
-        w, s = need(pieces, "weight", **kw), need(pieces, "weight_scale", **kw)
-        expect_dtype(w, FP8, "weight", **kw)
-        if w.ndim != 2:
-            raise ShapeMismatchError(f"{w.ndim}-d tensor, expected [out, in]", file=file, key=full_key(prefix, "weight"))
-        if shape is not None:
-            expect_shape(w, tuple(shape), "weight", **kw, why="the model's weight shape")
+        w, s = fp8_matrix(pieces, "weight_scale", shape=shape, **kw)
         expect_dtype(s, (torch.float32, torch.bfloat16, torch.float16), "weight_scale", **kw)
         expect_shape(s, (w.shape[0], 1), "weight_scale", **kw, why="one scale per output row")
         return QTensor(self, {"weight": w, "weight_scale": s}, w.shape, torch.bfloat16)

@@ -32,6 +32,19 @@ SCALE_FORMATS = ("float", "ue8m0")
 ACTIVATION_SCHEMES = ("dynamic", "static")
 
 
+def fp8_matrix(pieces, scale_key: str, *, shape=None, file=None, prefix=""):
+    """(weight, scale) of a plain 2-d float8_e4m3fn weight and its scale piece, the weight checked against
+    the model's shape: what every per-tensor and per-channel FP8 layout (FBGEMM, ModelOpt) starts with."""
+    kw = dict(file=file, prefix=prefix)
+    w, s = need(pieces, "weight", **kw), need(pieces, scale_key, **kw)
+    expect_dtype(w, FP8, "weight", **kw)
+    if w.ndim != 2:
+        raise ShapeMismatchError(f"{w.ndim}-d tensor, expected [out, in]", file=file, key=full_key(prefix, "weight"))
+    if shape is not None:
+        expect_shape(w, tuple(shape), "weight", **kw, why="the model's weight shape")
+    return w, s
+
+
 def _cdiv(a: int, b: int) -> int:
     return -(-a // b)
 

@@ -22,11 +22,11 @@ from torch import nn
 from ..config import QuantSpec
 from ..errors import ConfigError, ShapeMismatchError, UnsupportedError
 from .base import QTensor, Scheme
-from .checks import expect_dtype, expect_shape, full_key, need
+from .checks import full_key
+from .fp8_block import fp8_matrix
 from .nvfp4 import NVFP4_GROUP, FP4Scheme
 from .registry import register_method
 
-FP8 = torch.float8_e4m3fn
 ALGOS = ("NVFP4", "FP8")
 
 
@@ -44,12 +44,7 @@ class ModelOptFP8Scheme(Scheme):
 
     def decode(self, pieces, *, shape=None, file=None, prefix=""):
         kw = dict(file=file, prefix=prefix)
-        w, s = need(pieces, "weight", **kw), need(pieces, "weight_scale", **kw)
-        expect_dtype(w, FP8, "weight", **kw)
-        if w.ndim != 2:
-            raise ShapeMismatchError(f"{w.ndim}-d tensor, expected [out, in]", file=file, key=full_key(prefix, "weight"))
-        if shape is not None:
-            expect_shape(w, tuple(shape), "weight", **kw, why="the model's weight shape")
+        w, s = fp8_matrix(pieces, "weight_scale", shape=shape, **kw)
         if not s.is_floating_point() or s.numel() != 1:
             raise ShapeMismatchError(f"shape {list(s.shape)} {s.dtype}, expected one float32 scale per tensor "
                                      "(per-channel and block FP8 exports are not supported)", file=file,
