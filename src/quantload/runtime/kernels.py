@@ -48,7 +48,6 @@ import contextlib
 import ctypes
 import os
 import sys
-import time
 from dataclasses import dataclass
 
 import torch
@@ -82,7 +81,7 @@ def _env_flag(name: str) -> bool | None:
 # (docs/kernels.md). QUANTLOAD_EXACT=1 (or the older QUANTLOAD_FAST_KERNELS=0) starts the process exact:
 # dequantize, then F.linear, bit for bit the defining tool's reference numerics.
 _enabled = not (_env_flag("QUANTLOAD_EXACT") is True or _env_flag("QUANTLOAD_FAST_KERNELS") is False)
-# the exact= of the load in progress (None: follow _enabled); see loading()
+# the exact= of the load in progress (None: follow _enabled); see begin_load()
 _load_exact: bool | None = None
 
 
@@ -108,21 +107,10 @@ def fast_kernels_enabled() -> bool:
     return _enabled
 
 
-@contextlib.contextmanager
-def loading(exact: bool | None):
-    """The exact= of one load: weights prepared inside this block are marked for repacking unless it
-    is True (None: the process setting, `set_exact`). A later `set_exact(True)` still turns every
-    layer exact; a layer loaded exact stays exact (it was never marked)."""
-    global _load_exact
-    previous, _load_exact = _load_exact, exact
-    try:
-        yield
-    finally:
-        _load_exact = previous
-
-
 def begin_load(exact: bool | None):
-    """loading(exact) for code that cannot indent into a with-block; pass the result to end_load."""
+    """The exact= of one load: weights prepared until end_load are marked for repacking unless it is True
+    (None: the process setting, `set_exact`). A later `set_exact(True)` still turns every layer exact; a
+    layer loaded exact stays exact (it was never marked). Returns what end_load restores."""
     global _load_exact
     previous, _load_exact = _load_exact, exact
     return previous
@@ -506,13 +494,11 @@ class _Pending:
     def __init__(self, affine_of, dense_rows=None):
         self.affine_of, self.dense_rows, self.done, self.kernel, self.skipped = affine_of, dense_rows, False, None, None
         self.choice = KernelChoice("pending", "repacked on its first forward")
-        self.seconds = 0.0
         self.head_rows = None      # set for the output head: TopRefined
 
     def resolve(self, qt) -> None:
         if self.done:
             return
-        t0 = time.perf_counter()
         notes: dict[str, str] = {}
         try:
             try:
@@ -544,7 +530,6 @@ class _Pending:
                     notes[family] = _why_not(family, self.kernel)
         self.choice.not_taken = notes
         self.done, self.affine_of, self.dense_rows = True, None, None
-        self.seconds = time.perf_counter() - t0
 
 
 def _why_not(family: str, kernel) -> str:
