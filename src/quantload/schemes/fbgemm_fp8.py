@@ -15,7 +15,6 @@ an exact FP8 rounding tie may land one step apart).
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from ..config import QuantSpec
@@ -46,9 +45,6 @@ class FbgemmFP8Scheme(Scheme):
 
     def dequantize(self, qt, dtype):
         return (qt.data["weight"].to(torch.float32) * qt.data["weight_scale"].to(torch.float32)).to(dtype)
-
-    def linear(self, x, qt, bias):
-        return F.linear(x, self.dequantize(qt, x.dtype), bias.to(x.dtype) if bias is not None else None)
 
     def quantize(self, w):
         if w.ndim != 2:

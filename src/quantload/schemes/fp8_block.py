@@ -15,7 +15,6 @@ dimensions (experts stacked [E, O, I] with scales [E, ...]) decode the same way;
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from ..config import QuantSpec, register_short_name
@@ -159,10 +158,6 @@ class FP8BlockScheme(Scheme):
     # --- use ------------------------------------------------------------------------------------
     def dequantize(self, qt: QTensor, dtype: torch.dtype) -> torch.Tensor:
         return fp8_times_scales(qt.data["weight"], scale_to_float(qt.data["weight_scale_inv"]), self.block).to(dtype)
-
-    def linear(self, x, qt, bias):
-        # transformers' CPU path: the weight dequantized to the compute dtype, then a plain matmul
-        return F.linear(x, self.dequantize(qt, x.dtype), bias.to(x.dtype) if bias is not None else None)
 
     def select_expert(self, qt: QTensor, i: int) -> QTensor:
         """Expert i of a stacked [E, O, I] weight: views of its weight and scales, no copy."""

@@ -16,7 +16,6 @@ from __future__ import annotations
 import fnmatch
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from ..config import QuantSpec
@@ -59,9 +58,6 @@ class ModelOptFP8Scheme(Scheme):
 
     def dequantize(self, qt, dtype):
         return qt.data["weight"].to(dtype) * qt.data["weight_scale"].to(dtype)
-
-    def linear(self, x, qt, bias):
-        return F.linear(x, self.dequantize(qt, x.dtype), bias.to(x.dtype) if bias is not None else None)
 
     def quantize(self, w):
         raise UnsupportedError("quantizing to ModelOpt's layout is not supported; supported runtime FP8: 'fp8' "

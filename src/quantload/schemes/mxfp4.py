@@ -20,7 +20,6 @@ from __future__ import annotations
 import math
 
 import torch
-import torch.nn.functional as F
 
 from ..config import QuantSpec
 from ..errors import ShapeMismatchError, UnsupportedError
@@ -93,7 +92,7 @@ class MXFP4Scheme(Scheme):
         if qt.ndim != 2:
             raise ShapeMismatchError(f"linear needs one expert's [out, in] weight, got {list(qt.shape)}: "
                                      "use select_expert(qt, e) first")
-        return F.linear(x, self.dequantize(qt, x.dtype), bias.to(x.dtype) if bias is not None else None)
+        return super().linear(x, qt, bias)
 
     def select_expert(self, qt: QTensor, i: int) -> QTensor:
         """Expert i of stacked [E, R, C] weights: views of its blocks and scales, no copy."""

@@ -23,7 +23,6 @@ generate_gparam + calculate_qparams + NVFP4PackedCompressor.compress. The forwar
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
 from ..config import register_short_name
 from ..errors import ShapeMismatchError, UnsupportedError
@@ -128,9 +127,6 @@ class FP4Scheme(Scheme):
         # rounded to bfloat16
         s = scale.to(torch.bfloat16) / qt.data["weight_global_scale"]
         return _times(small, s).to(torch.bfloat16).reshape(n_out, n_in).to(dtype)
-
-    def linear(self, x, qt, bias):
-        return F.linear(x, self.dequantize(qt, x.dtype), bias.to(x.dtype) if bias is not None else None)
 
     def quantize(self, w: torch.Tensor) -> QTensor:
         """compressed-tensors NVFP4, weights only: a float32 global scale 448 * 6 / amax(|w|), per-group
