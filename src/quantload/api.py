@@ -15,7 +15,8 @@ from .config import QuantSpec, check_quantize_request, parse_dtype, resolve_quan
 from .engine import load_weights
 from .errors import ConfigError, QuantloadError
 from .finalize import finalize, tied_pairs
-from .load_setup import checkpoint_spec, engine_progress, placement_for  # noqa: F401  (checkpoint_spec: public here too)
+from .load_setup import checkpoint_spec, engine_progress, placement_for
+from .load_setup import config_file as config_path
 from .prepare import build_skeleton, check_quantized_tensors, named_tensors, read_config_dir, replace_modules
 from .report import LoadReport
 from .runtime import kernels as _kernels
@@ -90,7 +91,7 @@ def load(path, *, quantize=None, dtype=None, device_map="cpu", max_memory=None, 
         quantize, dtype, _ = transformers_args(quantize, dtype, quantization_config, torch_dtype, None)
         return load_tp(resolve_path(path, revision=revision, filename=filename), tp_plan=tp_plan,
                        device_mesh=device_mesh, dtype=dtype, strict=strict, exact=exact, quantize=quantize,
-                       checkpoint_spec=checkpoint_spec, model=model, device_map=device_map,
+                       model=model, device_map=device_map,
                        trust_remote_code=trust_remote_code, dequantize=dequantize)
     from .model_size import attach_size_methods
     from .report import LoadProgress, RssWatch
@@ -178,7 +179,7 @@ def _load_checkpoint(source, path, report, t0, *, quantize, dtype, device_map, m
                      trust_remote_code, model, progress, headroom=None, strict=True, quantize_lm_head=False):
     progress.stage("reading the config")
     config = read_config_dir(path) if model is None else getattr(model, "config", None)
-    config_file = os.path.join(path if os.path.isdir(path) else os.path.dirname(os.path.abspath(path)), "config.json")
+    config_file = config_path(path)
     ckpt_spec = checkpoint_spec(path, config) if config is not None or model is None else None
     user_spec = resolve_quantize(quantize)
     check_quantize_request(ckpt_spec, user_spec, quantize, file=config_file)

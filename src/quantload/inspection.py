@@ -2,11 +2,10 @@
 from __future__ import annotations
 
 import json
-import os
 import re
 from dataclasses import dataclass, field
 
-from .load_setup import checkpoint_spec, tied_groups
+from .load_setup import checkpoint_spec, config_file, tied_groups
 from .sources import open_source
 
 
@@ -180,7 +179,7 @@ def inspect_checkpoint(path: str, *, device_map=None, max_memory=None, quantize=
             layers.sort(key=lambda r: layer_order(r[0]))
             cfg = config.to_dict() if config is not None else {}
             arch = (cfg.get("architectures") or [cfg.get("model_type", "?")])[0] if cfg else "?"
-            ins = Inspection(path, "safetensors" if "Safetensors" in type(source).__name__ else "torch", arch,
+            ins = Inspection(path, source.kind, arch,
                              len(keys), total, spec.to_dict() if spec is not None else None, cfg, layers)
     finally:
         source.close()
@@ -223,16 +222,17 @@ def plan_checkpoint(path: str, *, quantize, dtype, device_map, max_memory, offlo
         else:
             from .checkpoint_weights import index_by_module
             config = read_config_dir(path)
-            spec = checkpoint_spec(path, config) or resolve_quantize(quantize)
+            ckpt_spec = checkpoint_spec(path, config)
+            spec = ckpt_spec or resolve_quantize(quantize)
             cd = getattr(config, "dtype", None)
             dtype = dtype or (parse_dtype(cd) if isinstance(cd, (str, torch.dtype)) else torch.float32)
-            cfg_file = os.path.join(path if os.path.isdir(path) else os.path.dirname(os.path.abspath(path)),
-                                    "config.json")   # the config is checked against the checkpoint first
-            model = build_skeleton(config, dtype, trust_remote_code=trust_remote_code, source=source, file=cfg_file)
+            # the config is checked against the checkpoint first
+            model = build_skeleton(config, dtype, trust_remote_code=trust_remote_code, source=source,
+                                   file=config_file(path))
             from .moe_load import prepare_experts
             prepare_experts(model, source, spec, dtype)   # as load does: one Linear per expert
             by_module = index_by_module(source.keys())
-            pre = checkpoint_spec(path, config) is not None
+            pre = ckpt_spec is not None
             if spec is not None and not pre:
                 from .scheme_fit import fit_spec
                 spec, _ = fit_spec(spec, model, quantize)  # the group size load would pick ("int4")

@@ -15,12 +15,22 @@ from .finalize import tied_pairs
 from .schemes.registry import spec_from_dict
 
 
+def checkpoint_dir(path: str) -> str:
+    """The directory of a checkpoint given as a directory or as one of its files."""
+    return path if os.path.isdir(path) else os.path.dirname(os.path.abspath(path))
+
+
+def config_file(path: str) -> str:
+    """Where a checkpoint's config.json is (or would be): what errors about the config name."""
+    return os.path.join(checkpoint_dir(path), "config.json")
+
+
 def checkpoint_spec(path: str, config) -> QuantSpec | None:
     """The quantization a checkpoint was saved with: config.json's quantization_config, or a
     quantize_config.json beside it (older GPTQ exports)."""
     qc = getattr(config, "quantization_config", None) if config is not None else None
-    d = path if os.path.isdir(path) else os.path.dirname(os.path.abspath(path))
-    file = os.path.join(d, "config.json")
+    d = checkpoint_dir(path)
+    file = config_file(path)
     # older exports keep the config beside the weights: GPTQ quantize_config.json, AutoAWQ
     # quant_config.json, optimum-quanto quanto_qmap.json, NVIDIA ModelOpt hf_quant_config.json
     for fname, method in (("quantize_config.json", "gptq"), ("quant_config.json", "awq"),

@@ -7,7 +7,6 @@ fails on all of them; a failure while reading is shared through one collective (
 group's timeout), so no rank is left waiting in a forward."""
 from __future__ import annotations
 
-import os
 import resource
 import time
 
@@ -20,6 +19,8 @@ from ..config import parse_dtype
 from ..engine import load_weights
 from ..errors import ConfigError, QuantloadError
 from ..finalize import finalize, tied_pairs
+from ..load_setup import checkpoint_spec
+from ..load_setup import config_file as config_path
 from ..prepare import build_skeleton, check_quantized_tensors, named_tensors, read_config_dir, replace_modules
 from ..report import LoadReport, RssWatch
 from ..runtime import kernels as _kernels
@@ -149,7 +150,7 @@ class GatherOutput:
         return torch.cat(parts, dim=-1)
 
 
-def load_tp(path, *, tp_plan, device_mesh=None, dtype=None, strict=True, exact=None, checkpoint_spec,
+def load_tp(path, *, tp_plan, device_mesh=None, dtype=None, strict=True, exact=None,
             quantize=None, model=None, device_map="cpu", trust_remote_code=False, dequantize=False) -> nn.Module:
     group, rank, world = _group(device_mesh)
     error = None
@@ -161,7 +162,7 @@ def load_tp(path, *, tp_plan, device_mesh=None, dtype=None, strict=True, exact=N
         if str(device) in ("auto", "balanced", "balanced_low_0", "sequential", "disk"):
             raise ConfigError(f"tp_plan with device_map={device_map!r}: pass one device per rank "
                               "(e.g. f'cuda:{local_rank}' or 'cpu')")
-        result = _load(path, tp_plan, group, rank, world, dtype, strict, exact, checkpoint_spec, str(device),
+        result = _load(path, tp_plan, group, rank, world, dtype, strict, exact, str(device),
                        trust_remote_code)
     except Exception as e:  # shared below, then re-raised on this rank
         error, result = e, None
@@ -176,10 +177,10 @@ def load_tp(path, *, tp_plan, device_mesh=None, dtype=None, strict=True, exact=N
     return result
 
 
-def _skeleton(path, source, report, dtype, checkpoint_spec, trust_remote_code):
+def _skeleton(path, source, report, dtype, trust_remote_code):
     """(meta model, checkpoint QuantSpec or None, dtype) for a safetensors / torch-file checkpoint."""
     config = read_config_dir(path)
-    config_file = os.path.join(path if os.path.isdir(path) else os.path.dirname(os.path.abspath(path)), "config.json")
+    config_file = config_path(path)
     if config is None:
         raise ConfigError("tp_plan needs a config.json beside the weights", file=path)
     spec = checkpoint_spec(path, config)
@@ -192,17 +193,17 @@ def _skeleton(path, source, report, dtype, checkpoint_spec, trust_remote_code):
     return model, spec, dtype
 
 
-def _load(path, tp_plan, group, rank, world, dtype, strict, exact, checkpoint_spec, device, trust_remote_code):
+def _load(path, tp_plan, group, rank, world, dtype, strict, exact, device, trust_remote_code):
     from ..model_size import attach_size_methods
     watch, io0 = RssWatch(), io_read_bytes()
     report = LoadReport(path=path, rss_before=watch.start_rss)
     t0 = time.perf_counter()
     dtype = parse_dtype(dtype)
     source = open_source(path)
-    report.source_kind = type(source).__name__
+    report.source_kind = source.kind
     kernels_before = _kernels.begin_load(exact)
     try:
-        gguf = report.source_kind == "GGUFSource"
+        gguf = source.kind == "gguf"
         if gguf:
             from ..gguf_load import model_map_of
             from .gguf_tp import gguf_choose, refuse_experts
@@ -214,7 +215,7 @@ def _load(path, tp_plan, group, rank, world, dtype, strict, exact, checkpoint_sp
             if mm.adapt is not None:
                 mm.adapt(model)
         else:
-            model, spec, dtype = _skeleton(path, source, report, dtype, checkpoint_spec, trust_remote_code)
+            model, spec, dtype = _skeleton(path, source, report, dtype, trust_remote_code)
         shards, notes = resolve(model, tp_plan, world)
         tied = {t.rpartition(".")[0] for pair in tied_pairs(model) for t in pair}
         for name in sorted(set(shards) & tied):   # a head tied to the embeddings is the (replicated) table
