@@ -200,13 +200,17 @@ def normalize_gptq_config(d: dict) -> dict:
         raise UnsupportedError(f"GPTQ pack_dtype {out['pack_dtype']!r} is not supported; only int32")
     out["bits"] = _as_int(out["bits"], "bits")
     out["group_size"] = _as_int(out.get("group_size", 128), "group_size")
-    if out["bits"] not in SUPPORTED_BITS:
-        raise UnsupportedError(f"GPTQ bits={out['bits']} is not supported; supported: {list(SUPPORTED_BITS)}")
-    if not (out["group_size"] == -1 or out["group_size"] > 0):
-        raise ConfigError(f"GPTQ group_size={out['group_size']}; expected -1 or a positive integer")
+    _check_bits_and_group(out["bits"], out["group_size"])
     out["desc_act"] = bool(out.get("desc_act", False))
     out["sym"] = bool(out.get("sym", True))
     return out
+
+
+def _check_bits_and_group(bits: int, group_size: int, where: str = "") -> None:
+    if bits not in SUPPORTED_BITS:
+        raise UnsupportedError(f"GPTQ bits={bits}{where} is not supported; supported: {list(SUPPORTED_BITS)}")
+    if not (group_size == -1 or group_size > 0):
+        raise ConfigError(f"GPTQ group_size={group_size}{where}; expected -1 or a positive integer")
 
 
 def _as_int(v, name: str, where: str = "") -> int:
@@ -250,11 +254,7 @@ def _check_dynamic(dynamic: dict, base_args: dict) -> list[tuple[str, re.Pattern
             if k in over:
                 over[k] = _as_int(over[k], k, where)
         args = {**base_args, **{k: v for k, v in over.items() if k in base_args}}
-        if args["bits"] not in SUPPORTED_BITS:
-            raise UnsupportedError(f"GPTQ bits={args['bits']}{where} is not supported; supported: "
-                                   f"{list(SUPPORTED_BITS)}")
-        if not (args["group_size"] == -1 or args["group_size"] > 0):
-            raise ConfigError(f"GPTQ group_size={args['group_size']}{where}; expected -1 or a positive integer")
+        _check_bits_and_group(args["bits"], args["group_size"], where)
         out.append((pattern, compiled, over))
     return out
 
